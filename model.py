@@ -1,0 +1,637 @@
+"""
+Qwen2.5-VL written out by hand, plus the two things LIVR adds to it: latent tokens and LoRA.
+
+Mirrors transformers' `Qwen2_5_VLForConditionalGeneration` (the numerical oracle, matched to
+1e-4 relative in tests/test_model.py) without its indirection. Notable features:
+  - loads the hub's safetensors checkpoints as they are (both key layouts, both config.json
+    forms, shards, tied or untied head), built on the `meta` device and filled with
+    `assign=True` so a 3B model is never held twice;
+  - M-RoPE position ids for text + several images, restarting per packed sample;
+  - one forward for training, prefill and decode (a static KV cache, as in gpt-fast), with an
+    optional explicit boolean attention mask -- the door the LIVR bottleneck comes through;
+  - LIVR latent tokens: K rows of their own (`latent_embeds`), trained while the tied
+    embedding table stays frozen (PAPER.md, "Latent tokens");
+  - hand-written LoRA on q, k, v, o, gate, up, down that merges back for export.
+
+    import model
+    m = model.load_pretrained("Qwen/Qwen2.5-VL-3B-Instruct")        # fp32 on CPU by default
+    logits = m(input_ids=ids, pixel_values=pv, image_grid_thw=thw)   # [B, L, vocab]
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, field, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import masks
+from vision import VisionConfig, VisionEncoder
+
+
+# ----------------------------------------------------------------------------------------------
+# Config: read from the checkpoint's own config.json
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 2
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    mrope_section: list = field(default_factory=lambda: [16, 24, 24])
+    tie_word_embeddings: bool = True
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class Config:
+    text: TextConfig
+    vision: VisionConfig
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    eos_token_id: int = 151645
+
+    @classmethod
+    def from_dict(cls, d):
+        """Both forms that exist: the hub's flat one (text fields at the top, `rope_scaling`) and
+        transformers 5's nested one (`text_config`, `rope_parameters`)."""
+        t = {**d, **d.get("text_config", {})}
+        rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+        text = TextConfig(
+            vocab_size=t["vocab_size"], hidden_size=t["hidden_size"],
+            intermediate_size=t["intermediate_size"], num_hidden_layers=t["num_hidden_layers"],
+            num_attention_heads=t["num_attention_heads"],
+            num_key_value_heads=t.get("num_key_value_heads", t["num_attention_heads"]),
+            rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", t.get("rope_theta", 1e6)),
+            mrope_section=list(rope.get("mrope_section", [16, 24, 24])),
+            tie_word_embeddings=d.get("tie_word_embeddings", t.get("tie_word_embeddings", False)))
+        assert 2 * sum(text.mrope_section) == text.head_dim, "mrope_section must sum to head_dim/2"
+        eos = t.get("eos_token_id", 151645)
+        ids = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                 "vision_end_token_id") if k in d}
+        return cls(text=text, vision=VisionConfig.from_dict(d["vision_config"]),
+                   eos_token_id=eos[0] if isinstance(eos, list) else eos, **ids)
+
+    def to_dict(self):
+        """The hub's flat form, as Qwen/Qwen2.5-VL-3B-Instruct's config.json has it."""
+        t = asdict(self.text)
+        t["rope_scaling"] = {"type": "mrope", "mrope_section": t.pop("mrope_section")}
+        return {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+                **t, "hidden_act": "silu", "vision_config": asdict(self.vision),
+                "image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
+                "vision_start_token_id": self.vision_start_token_id,
+                "vision_end_token_id": self.vision_end_token_id, "eos_token_id": self.eos_token_id,
+                "torch_dtype": "bfloat16"}
+
+
+def preset(name, vocab_size=151936, **token_ids):
+    """Model shapes by name: the real 3B, a ~100M 'small' one for benchmarks, and the 'tiny' one
+    the built-in CPU demo trains from random init in minutes."""
+    shapes = {
+        "3b": (dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                    num_attention_heads=16, num_key_value_heads=2, mrope_section=[16, 24, 24]),
+               dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420,
+                    fullatt_block_indexes=[7, 15, 23, 31], out_hidden_size=2048)),
+        "small": (dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
+                       num_attention_heads=12, num_key_value_heads=2, mrope_section=[8, 12, 12]),
+                  dict(depth=8, hidden_size=512, num_heads=8, intermediate_size=1376,
+                       fullatt_block_indexes=[3, 7], out_hidden_size=768)),
+        "tiny": (dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, mrope_section=[4, 6, 6]),
+                 dict(depth=2, hidden_size=64, num_heads=2, intermediate_size=128,
+                      fullatt_block_indexes=[1], out_hidden_size=128)),
+    }
+    if name not in shapes:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(shapes)}")
+    text, vision = shapes[name]
+    return Config(text=TextConfig(vocab_size=vocab_size, tie_word_embeddings=True, **text),
+                  vision=VisionConfig.from_dict(vision), **token_ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# The Qwen2.5 decoder
+
+class RMSNorm(nn.Module):
+    # Qwen2RMSNorm: normalise in fp32, cast back, *then* multiply by the weight
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class MRoPE(nn.Module):
+    # Qwen2_5_VLRotaryEmbedding: the rotary channels are split between the (t, h, w) position
+    # axes by `mrope_section`; the same split is used for both halves of the head.
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        D = cfg.head_dim
+        # computed on the CPU explicitly so that building the model on `meta` leaves it real
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, device="cpu").float() / D))
+        axis = torch.tensor([a for a, n in enumerate(cfg.mrope_section) for _ in range(n)], device="cpu")
+        self.register_buffer("inv_freq", inv_freq, persistent=False)   # (D/2,)
+        self.register_buffer("axis", axis, persistent=False)           # (D/2,) in {0, 1, 2}
+
+    def forward(self, position_ids, dtype):
+        # position_ids (3, B, L) -> cos, sin (B, L, D)
+        pos = position_ids[self.axis].permute(1, 2, 0).float()        # (B, L, D/2)
+        freqs = pos * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class KVCache(nn.Module):
+    # gpt-fast's static cache: one slot per position, written at `input_pos`
+    def __init__(self, batch, n_kv_heads, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        self.k[:, :, input_pos] = k
+        self.v[:, :, input_pos] = v
+        n = int(input_pos[-1]) + 1          # rows decode in lockstep: keys past n are empty
+        return self.k[:, :, :n], self.v[:, :, :n]
+
+
+class Attention(nn.Module):
+    # Qwen2_5_VLAttention: GQA, bias on q/k/v, none on o
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = (cfg.num_attention_heads,
+                                                        cfg.num_key_value_heads, cfg.head_dim)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.kv_cache = None
+
+    def forward(self, x, cos, sin, mask, input_pos=None, return_attn=False):
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, L, hd)
+        k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, L, hd)
+        v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos[:, None], sin[:, None]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if self.kv_cache is not None and input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        if return_attn:  # the explicit path, for attention maps (evaluate.py)
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            scores = (q @ k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+            att = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+            y = att @ v
+        else:
+            att = None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.n_heads != self.n_kv_heads)
+        y = y.transpose(1, 2).reshape(B, L, -1)
+        return self.o_proj(y), att
+
+
+class MLP(nn.Module):
+    # Qwen2MLP: SwiGLU, no bias
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    # Qwen2_5_VLDecoderLayer: pre-norm attention and MLP, each with a residual
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, input_pos=None, return_attn=False):
+        h, att = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, return_attn)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, att
+
+
+class TextModel(nn.Module):
+    # Qwen2_5_VLTextModel's weights: `model.*` in the hub layout
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# The VLM: vision encoder + decoder, with LIVR's latent tokens
+
+class Qwen25VL(nn.Module):
+    # Qwen2_5_VLForConditionalGeneration; parameter names are the hub's keys
+    def __init__(self, cfg: Config, num_latents=0, latent_token_id=None):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionEncoder(cfg.vision)
+        self.model = TextModel(cfg.text)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        if cfg.text.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rope = MRoPE(cfg.text)
+        self.grad_checkpointing = False
+        self.set_latents(num_latents, latent_token_id)
+
+    # --- LIVR: latent tokens ------------------------------------------------------------------
+    def set_latents(self, num_latents, latent_token_id=None):
+        """K latent tokens with ids latent_token_id .. latent_token_id+K-1 (the tokenizer's added
+        special tokens). Their embeddings are a separate [K, d] parameter, initialised at the
+        embedding table's scale, so the frozen (and tied) table is never touched. K=0: none."""
+        self.num_latents, self.latent_token_id = num_latents, latent_token_id
+        self.latent_embeds = None
+        if num_latents:
+            if latent_token_id is None:
+                raise ValueError("latent tokens need latent_token_id (the id of <|latent_0|>)")
+            if latent_token_id + num_latents > self.cfg.text.vocab_size:
+                raise ValueError(f"latent ids {latent_token_id}..{latent_token_id + num_latents - 1} "
+                                 f"do not fit the {self.cfg.text.vocab_size}-row embedding table")
+            table = self.model.embed_tokens.weight
+            std = table.float().std().item() if table.device.type != "meta" else 0.02
+            init = torch.randn(num_latents, self.cfg.text.hidden_size, device=table.device) * std
+            self.latent_embeds = nn.Parameter(init.to(table.dtype))
+
+    def embed(self, input_ids, pixel_values, image_grid_thw):
+        x = self.model.embed_tokens(input_ids)                                    # (B, L, d)
+        if self.num_latents:
+            idx = input_ids - self.latent_token_id
+            is_latent = (idx >= 0) & (idx < self.num_latents)
+            lat = self.latent_embeds[idx.clamp(0, self.num_latents - 1)]
+            x = torch.where(is_latent[..., None], lat.to(x.dtype), x)
+        if pixel_values is not None and pixel_values.numel():
+            feats = self.visual(pixel_values.to(x.dtype), image_grid_thw)            # (N/4, d)
+            is_image = input_ids == self.cfg.image_token_id
+            if int(is_image.sum()) != feats.shape[0]:
+                raise ValueError(f"{int(is_image.sum())} <|image_pad|> tokens but "
+                                 f"{feats.shape[0]} image features")
+            x = x.masked_scatter(is_image[..., None], feats.to(x.dtype))
+        return x
+
+    # --- M-RoPE positions -----------------------------------------------------------------------
+    def rope_index(self, input_ids, image_grid_thw=None, segment_ids=None):
+        """(3, B, L) positions, equal to transformers' get_rope_index. Text tokens count up on
+        all three axes; an image's tokens get (start, start+row, start+col) on the merged grid;
+        text after it resumes at start + max(rows, cols). Positions restart at every packed
+        sample (segment); padding (segment 0) gets 0."""
+        B, L = input_ids.shape
+        m = self.cfg.vision.spatial_merge_size
+        pos = torch.zeros(3, B, L, dtype=torch.long)
+        if segment_ids is None:
+            segment_ids = torch.ones(B, L, dtype=torch.long)
+        grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
+        ids_cpu, seg_cpu = input_ids.cpu(), segment_ids.cpu()
+        for b in range(B):
+            seg = seg_cpu[b]
+            for s in seg.unique().tolist():
+                if s == 0:
+                    continue
+                where = (seg == s).nonzero().squeeze(1)
+                is_img = (ids_cpu[b, where] == self.cfg.image_token_id).long()
+                # image runs: starts and ends within the segment
+                edges = torch.diff(torch.cat([is_img.new_zeros(1), is_img, is_img.new_zeros(1)]))
+                starts, ends = (edges == 1).nonzero().squeeze(1), (edges == -1).nonzero().squeeze(1)
+                parts, cur, prev = [], 0, 0
+                for st, en in zip(starts.tolist(), ends.tolist()):
+                    parts.append(torch.arange(st - prev).expand(3, -1) + cur)
+                    cur += st - prev
+                    t, h, w = next(grids)
+                    gh, gw = h // m, w // m
+                    if en - st != t * gh * gw:
+                        raise ValueError(f"sample {b}: an image run of {en - st} tokens does not "
+                                         f"match its grid {t}x{h}x{w} ({t * gh * gw} tokens)")
+                    tt = torch.arange(t).repeat_interleave(gh * gw)
+                    hh = torch.arange(gh).repeat_interleave(gw).repeat(t)
+                    ww = torch.arange(gw).repeat(t * gh)
+                    parts.append(torch.stack([tt, hh, ww]) + cur)
+                    cur += max(gh, gw)
+                    prev = en
+                parts.append(torch.arange(len(where) - prev).expand(3, -1) + cur)
+                pos[:, b, where] = torch.cat(parts, dim=1)
+        return pos.to(input_ids.device)
+
+    # --- forward ----------------------------------------------------------------------------
+    def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None,
+                mask=None, segment_ids=None, position_ids=None, input_pos=None,
+                logits_at=None, return_attn=False):
+        """
+        input_ids       (B, L)
+        pixel_values    (N, 1176) and image_grid_thw (num_images, 3), as the processor makes them
+        attention_mask  (B, L) 1 = real token, 0 = padding (as in transformers)
+        mask            (B, L, Lk) or (B, 1, L, Lk) bool, True = may attend: an explicit mask such
+                        as masks.build_mask(kinds, stage=1). Replaces the causal mask.
+        segment_ids     (B, L) packed-sample numbers; positions restart per sample
+        position_ids    (3, B, L) to override the M-RoPE positions (decode passes them)
+        input_pos       (L,) cache slots to write when a KV cache is set up (see generate)
+        logits_at       (B, L) bool: compute logits only there, returning (n, vocab) -- training
+                        needs them only on answer tokens, which saves the [B, L, vocab] tensor
+        return_attn     also return each layer's attention probabilities (B, nh, L, Lk)
+        """
+        if segment_ids is None and attention_mask is not None:
+            segment_ids = attention_mask.long()
+        if position_ids is None:
+            position_ids = self.rope_index(input_ids, image_grid_thw, segment_ids)
+        one_sample = segment_ids is None or bool((segment_ids == 1).all())
+        if mask is None and (not one_sample or return_attn):   # else SDPA's own causal path
+            mask = masks.build_mask(torch.zeros_like(input_ids), "causal", segment_ids)
+        if mask is not None and mask.dim() == 3:
+            mask = mask[:, None]                                                  # (B, 1, L, Lk)
+        x = self.embed(input_ids, pixel_values, image_grid_thw)
+        cos, sin = self.rope(position_ids, x.dtype)
+        attns = []
+        for layer in self.model.layers:
+            if self.grad_checkpointing and self.training:
+                x, att = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask,
+                                                           use_reentrant=False)
+            else:
+                x, att = layer(x, cos, sin, mask, input_pos, return_attn)
+            attns.append(att)
+        x = self.model.norm(x)
+        if logits_at is not None:
+            x = x[logits_at]                                                      # (n, d)
+        logits = self.lm_head(x)
+        return (logits, attns) if return_attn else logits
+
+    # --- generation -----------------------------------------------------------------------
+    def setup_cache(self, batch, max_len):
+        p = self.model.embed_tokens.weight
+        for layer in self.model.layers:
+            a = layer.self_attn
+            a.kv_cache = KVCache(batch, a.n_kv_heads, max_len, a.head_dim, p.dtype, p.device)
+
+    def clear_cache(self):
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None,
+                 max_new_tokens=16, eos_token_id=None, kinds=None, stage=2):
+        """Greedy decoding with the KV cache. Prompts are left-padded (attention_mask 0 on the
+        left). `stage=1` with `kinds` decodes under the bottleneck mask: the prompt as in
+        masks.build_mask and every generated token blind to the image (the paper's test-time
+        check). Latent tokens are never generated. Returns (B, <= max_new_tokens) new tokens."""
+        B, L = input_ids.shape
+        dev = input_ids.device
+        eos = self.cfg.eos_token_id if eos_token_id is None else eos_token_id
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        segment_ids = attention_mask.long()
+        total = L + max_new_tokens
+        self.setup_cache(B, total)
+        try:
+            kinds = torch.zeros_like(input_ids) if kinds is None else kinds
+            prefill_mask = masks.build_mask(kinds, stage, segment_ids)
+            # every generated token attends to real prompt keys (not images under stage 1)
+            key_ok = attention_mask.bool()
+            if masks.MODES[stage] != "causal":
+                key_ok = key_ok & (kinds != masks.IMAGE)
+            key_ok = torch.cat([key_ok, torch.ones(B, max_new_tokens, dtype=torch.bool, device=dev)], 1)
+            position_ids = self.rope_index(input_ids, image_grid_thw, segment_ids)
+            input_pos = torch.arange(L, device=dev)
+            last = torch.zeros(B, L, dtype=torch.bool, device=dev)
+            last[:, -1] = True                        # prompts are left-padded: all end at L-1
+            logits = self(input_ids, pixel_values, image_grid_thw, mask=prefill_mask,
+                          position_ids=position_ids, input_pos=input_pos, logits_at=last)
+            next_pos = position_ids.amax(dim=(0, 2)) + 1                           # (B,)
+            out = []
+            done = torch.zeros(B, dtype=torch.bool, device=dev)
+            for i in range(max_new_tokens):
+                if self.num_latents:
+                    logits[:, self.latent_token_id:self.latent_token_id + self.num_latents] = float("-inf")
+                tok = logits.argmax(-1)
+                tok = torch.where(done, torch.full_like(tok, eos), tok)
+                out.append(tok)
+                done = done | (tok == eos)
+                if bool(done.all()) or i == max_new_tokens - 1:
+                    break
+                slot = L + i
+                pos = (next_pos + i).view(1, B, 1).expand(3, B, 1)
+                step_mask = key_ok[:, None, None, :slot + 1]                       # (B, 1, 1, slot+1)
+                logits = self(tok[:, None], mask=step_mask, position_ids=pos,
+                              input_pos=torch.tensor([slot], device=dev))[:, -1]
+            return torch.stack(out, 1)
+        finally:
+            self.clear_cache()
+
+    @property
+    def dtype(self):
+        return self.model.embed_tokens.weight.dtype
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA, by hand (Hu et al. 2021): y = x W^T + b + (alpha / r) * dropout(x) A^T B^T
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Module):
+    # keeps the base Linear's `weight`/`bias` names, so checkpoints and the loader are unchanged
+    def __init__(self, base: nn.Linear, rank=16, alpha=32, dropout=0.05):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+        dev, dt = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev, dtype=dt))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev, dtype=dt))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))   # as PEFT: B = 0, so a no-op at start
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + \
+            F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+
+    def merged(self):
+        lin = nn.Linear(self.weight.shape[1], self.weight.shape[0], bias=self.bias is not None,
+                        device="meta")
+        lin.weight = nn.Parameter(self.weight.detach() + self.scale * (self.lora_B @ self.lora_A).detach(),
+                                  requires_grad=False)
+        lin.bias = self.bias
+        return lin
+
+
+def add_lora(m: Qwen25VL, rank=16, alpha=32, dropout=0.05, targets=LORA_TARGETS):
+    """Wrap the language model's projections (never the vision encoder or merger) with LoRA."""
+    for layer in m.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in targets:
+                if isinstance(getattr(parent, name, None), nn.Linear):
+                    setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout))
+    return m
+
+
+def merge_lora(m: Qwen25VL):
+    """Fold every LoRA update into its base weight (for evaluation and export)."""
+    for layer in m.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, mod in list(parent.named_children()):
+                if isinstance(mod, LoRALinear):
+                    setattr(parent, name, mod.merged())
+    return m
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and saving hub checkpoints
+
+def hub_key_map(m: Qwen25VL, layout="hub"):
+    """{checkpoint key: our key} for every base weight. Our names are the hub's (legacy) keys;
+    newer transformers write `model.visual.*` and `model.language_model.*` instead."""
+    ours = [k for k in m.state_dict() if "lora_" not in k and k != "latent_embeds"]
+    if m.cfg.text.tie_word_embeddings:
+        ours.remove("lm_head.weight")       # tied: the hub file has no lm_head.weight
+    if layout == "hub":
+        return {k: k for k in ours}
+
+    def new(k):
+        if k.startswith("visual."):
+            return "model." + k
+        if k.startswith("model."):
+            return "model.language_model." + k[len("model."):]
+        return k
+    return {new(k): k for k in ours}
+
+
+def _checkpoint_files(path):
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, s) for s in shards]
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single]
+    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def resolve(path_or_repo_id):
+    """A local checkpoint directory as is, or a hub id fetched (weights, configs, tokenizer)."""
+    if os.path.isdir(path_or_repo_id):
+        return path_or_repo_id
+    if os.path.exists(path_or_repo_id) or path_or_repo_id.count("/") != 1:
+        raise FileNotFoundError(f"{path_or_repo_id}: not a checkpoint directory or a hub id")
+    from huggingface_hub import snapshot_download
+    return snapshot_download(path_or_repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+
+
+def load_pretrained(path_or_repo_id, dtype=torch.float32, device="cpu", num_latents=0,
+                    latent_token_id=None):
+    """Build on `meta`, then fill every tensor from the safetensors files with assign=True.
+    dtype=None keeps the checkpoint's dtype (bf16 on the hub). Strict: a missing, unexpected
+    or wrongly shaped tensor raises an error that names it and its file."""
+    from safetensors import safe_open
+    path = resolve(path_or_repo_id)
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = Config.from_dict(json.load(f))
+    with torch.device("meta"):
+        m = Qwen25VL(cfg)
+    files = _checkpoint_files(path)
+    where = {}                                          # checkpoint key -> file (headers only)
+    for file in files:
+        with safe_open(file, "pt") as f:
+            where.update({k: file for k in f.keys()})
+    new_layout = any(k.startswith(("model.visual.", "model.language_model.")) for k in where)
+    key_map = hub_key_map(m, "new" if new_layout else "hub")
+    expected = dict(m.state_dict())
+    state, errors = {}, []
+    errors += [f"unexpected tensor {k!r} in {file}" for k, file in where.items() if k not in key_map]
+    errors += [f"missing tensor {k!r} (looked in {', '.join(files)})" for k in key_map if k not in where]
+    for file in files:
+        with safe_open(file, "pt", device=str(device)) as f:
+            for key in f.keys():
+                if key not in key_map:
+                    continue
+                t = f.get_tensor(key)
+                want = tuple(expected[key_map[key]].shape)
+                if tuple(t.shape) != want:
+                    errors.append(f"tensor {key!r} in {file} has shape {tuple(t.shape)}, "
+                                  f"the config says {want}")
+                    continue
+                state[key_map[key]] = t if dtype is None else t.to(dtype)
+    if errors:
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise ValueError(f"cannot load {path}:\n  " + "\n  ".join(errors[:20]) + more)
+    m.load_state_dict(state, strict=False, assign=True)
+    if cfg.text.tie_word_embeddings:
+        m.lm_head.weight = m.model.embed_tokens.weight
+    m = m.to(device)
+    m.set_latents(num_latents, latent_token_id)
+    return m.eval()
+
+
+def save_pretrained(m: Qwen25VL, out_dir, max_shard_bytes=None):
+    """Write config.json + safetensors in the hub's layout (LoRA merged first, latents left out:
+    train.py saves those with its own checkpoints)."""
+    from safetensors.torch import save_file
+    if any(isinstance(mod, LoRALinear) for mod in m.modules()):
+        raise ValueError("merge_lora(model) before save_pretrained: the hub layout has no LoRA")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(m.cfg.to_dict(), f, indent=2)
+    sd = {k: v.detach().contiguous().cpu() for k, v in hub_key_map_state(m).items()}
+    if not max_shard_bytes:
+        save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        return
+    shards, cur, size = [], {}, 0
+    for k, v in sd.items():
+        if cur and size + v.numel() * v.element_size() > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = v
+        size += v.numel() * v.element_size()
+    shards.append(cur)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
+
+
+def hub_key_map_state(m: Qwen25VL):
+    sd = m.state_dict()
+    return {ck: sd[ours] for ck, ours in hub_key_map(m, "hub").items()}
+
+
+def init_weights(m: Qwen25VL, std=0.02, seed=0):
+    """Random init for a model built from a preset (the tiny demo, benchmarks)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in m.named_parameters():
+        with torch.no_grad():
+            if name.endswith("norm.weight") or ".norm" in name or "ln_q" in name:
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return m

@@ -1,0 +1,208 @@
+"""model.py against transformers' Qwen2_5_VLForConditionalGeneration on random checkpoints
+written in the hub's layout: logits, vision features, KV-cache generation, bf16, loader errors."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import model
+import tiny
+
+
+def rel_err(ours, ref):
+    return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+# several images of different sizes; grids whose merged size is not a multiple of the window
+# (window 56 px = 2x2 merged tokens here) leave partly empty windows at the edges
+GRIDS = [(1, 6, 10), (1, 4, 4), (1, 2, 14)]
+
+
+@pytest.mark.parametrize("opts", [
+    dict(),                                         # hub layout, flat config, tied, one file
+    dict(tied=False, shards=3),                     # untied head, sharded
+    dict(layout="new", form="nested"),              # transformers 5 layout and config form
+    dict(heads=8, kv_heads=1),                      # head/KV-head ratio 8
+    dict(heads=4, kv_heads=4, tied=False, layout="new", form="flat", shards=2),  # MHA
+])
+def test_logits_match_transformers(tmp_path, opts):
+    path = tiny.write_checkpoint(str(tmp_path), seed=1, **opts)
+    ref, ours = tiny.oracle(path), model.load_pretrained(path)
+    ids, pv, thw = tiny.inputs(GRIDS, [5, 7, 3, 9])
+    want = tiny.hf_logits(ref, ids, pv, thw)
+    with torch.no_grad():
+        got = ours(input_ids=ids, pixel_values=pv, image_grid_thw=thw)
+    assert got.shape == want.shape
+    assert rel_err(got, want) <= 1e-4
+
+
+def test_one_image_and_text_only(tmp_path):
+    path = tiny.write_checkpoint(str(tmp_path), seed=2)
+    ref, ours = tiny.oracle(path), model.load_pretrained(path)
+    ids, pv, thw = tiny.inputs([(1, 8, 8)], [4, 6])
+    with torch.no_grad():
+        assert rel_err(ours(ids, pv, thw), tiny.hf_logits(ref, ids, pv, thw)) <= 1e-4
+        text = ids[:, :4]
+        assert rel_err(ours(text), tiny.hf_logits(ref, text)) <= 1e-4
+
+
+def test_batch_with_padding(tmp_path):
+    """Batch of 2 right-padded samples with different images: each row equals transformers."""
+    path = tiny.write_checkpoint(str(tmp_path), seed=3)
+    ref, ours = tiny.oracle(path), model.load_pretrained(path)
+    a = tiny.inputs([(1, 4, 6)], [3, 8], seed=4)
+    b = tiny.inputs([(1, 2, 2), (1, 6, 4)], [2, 3, 4], seed=5)
+    L = max(a[0].shape[1], b[0].shape[1])
+    ids = torch.zeros(2, L, dtype=torch.long)
+    am = torch.zeros(2, L, dtype=torch.long)
+    for i, x in enumerate((a, b)):
+        ids[i, :x[0].shape[1]] = x[0][0]
+        am[i, :x[0].shape[1]] = 1
+    pv, thw = torch.cat([a[1], b[1]]), torch.cat([a[2], b[2]])
+    want = tiny.hf_logits(ref, ids, pv, thw, attention_mask=am)
+    with torch.no_grad():
+        got = ours(ids, pv, thw, attention_mask=am)
+    real = am.bool()
+    assert rel_err(got[real], want[real]) <= 1e-4
+
+
+def test_vision_features_match(tmp_path):
+    path = tiny.write_checkpoint(str(tmp_path), seed=6)
+    ref, ours = tiny.oracle(path), model.load_pretrained(path)
+    _, pv, thw = tiny.inputs(GRIDS, [1, 1, 1, 1])
+    with torch.no_grad():
+        want = torch.cat(ref.model.get_image_features(pv, thw, return_dict=True).pooler_output)
+        got = ours.visual(pv, thw)
+    assert rel_err(got, want) <= 1e-4
+
+
+def test_rope_index_matches_transformers(tmp_path):
+    path = tiny.write_checkpoint(str(tmp_path), seed=0)
+    ref, ours = tiny.oracle(path), model.load_pretrained(path)
+    ids, pv, thw = tiny.inputs(GRIDS, [5, 7, 3, 9])
+    want, _ = ref.model.get_rope_index(ids, (ids == tiny.IDS["image_token_id"]).int(), thw)
+    assert torch.equal(ours.rope_index(ids, thw), want)
+
+
+def test_generation_with_cache_equals_full_forward(tmp_path):
+    path = tiny.write_checkpoint(str(tmp_path), seed=7)
+    ours = model.load_pretrained(path)
+    ref = tiny.oracle(path)
+    a = tiny.inputs([(1, 4, 6)], [3, 8], seed=8)
+    b = tiny.inputs([(1, 2, 2), (1, 4, 4)], [2, 3, 4], seed=9)
+    # left-pad the prompts, as generation does
+    L = max(a[0].shape[1], b[0].shape[1])
+    ids = torch.zeros(2, L, dtype=torch.long)
+    am = torch.zeros(2, L, dtype=torch.long)
+    for i, x in enumerate((a, b)):
+        ids[i, L - x[0].shape[1]:] = x[0][0]
+        am[i, L - x[0].shape[1]:] = 1
+    pv, thw = torch.cat([a[1], b[1]]), torch.cat([a[2], b[2]])
+    new = ours.generate(ids, pv, thw, attention_mask=am, max_new_tokens=6, eos_token_id=-1)
+    assert new.shape == (2, 6)
+    # greedy tokens from step-by-step full forwards (no cache) must be the same
+    seq, mask = ids, am
+    for i in range(6):
+        with torch.no_grad():
+            logits = ours(seq, pv, thw, attention_mask=mask)[:, -1]
+        tok = logits.argmax(-1)
+        assert torch.equal(tok, new[:, i])
+        seq = torch.cat([seq, tok[:, None]], 1)
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    # and transformers' own generate agrees
+    with torch.no_grad():
+        out = ref.generate(input_ids=ids, attention_mask=am, pixel_values=pv, image_grid_thw=thw,
+                           mm_token_type_ids=(ids == tiny.IDS["image_token_id"]).int(),
+                           max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(out[:, L:], new)
+
+
+def test_cached_decode_logits_equal_full_forward(tmp_path):
+    """Prefill + decode through the KV cache gives the same logits as one full forward."""
+    path = tiny.write_checkpoint(str(tmp_path), seed=10)
+    ours = model.load_pretrained(path)
+    ids, pv, thw = tiny.inputs([(1, 4, 4)], [3, 10], seed=11)
+    L = ids.shape[1]
+    with torch.no_grad():
+        full = ours(ids, pv, thw)
+        P = L - 4
+        pos = ours.rope_index(ids, thw)
+        ours.setup_cache(1, L)
+        step = [ours(ids[:, :P], pv, thw, position_ids=pos[..., :P], input_pos=torch.arange(P),
+                     mask=torch.ones(P, P, dtype=torch.bool).tril()[None])]
+        for i in range(P, L):
+            step.append(ours(ids[:, i:i + 1], position_ids=pos[..., i:i + 1],
+                             input_pos=torch.tensor([i]), mask=torch.ones(1, 1, i + 1, dtype=torch.bool)))
+        ours.clear_cache()
+    assert rel_err(torch.cat(step, 1), full) <= 1e-4
+
+
+def test_bf16_close_to_fp32(tmp_path):
+    path = tiny.write_checkpoint(str(tmp_path), seed=12, dtype=torch.bfloat16)
+    m16 = model.load_pretrained(path, dtype=None)
+    assert m16.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
+    m32 = model.load_pretrained(path)
+    ids, pv, thw = tiny.inputs([(1, 4, 6)], [3, 5], seed=13)
+    with torch.no_grad():
+        a, b = m16(ids, pv, thw).float(), m32(ids, pv, thw)
+    assert torch.isfinite(a).all()
+    assert rel_err(a, b) < 0.1
+    # the same greedy predictions almost everywhere
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
+
+
+def _corrupt(path, fn):
+    f = os.path.join(path, "model.safetensors")
+    sd = load_file(f)
+    fn(sd)
+    save_file(sd, f)
+
+
+def test_loader_missing_key(tmp_path):
+    path = tiny.write_checkpoint(str(tmp_path))
+    _corrupt(path, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing tensor 'model.layers.1.mlp.up_proj.weight'"):
+        model.load_pretrained(path)
+
+
+def test_loader_extra_key(tmp_path):
+    path = tiny.write_checkpoint(str(tmp_path))
+    _corrupt(path, lambda sd: sd.update({"model.layers.9.extra.weight": torch.zeros(2)}))
+    with pytest.raises(ValueError, match=r"unexpected tensor 'model.layers.9.extra.weight' in .*model.safetensors"):
+        model.load_pretrained(path)
+
+
+def test_loader_wrong_shape(tmp_path):
+    path = tiny.write_checkpoint(str(tmp_path))
+    _corrupt(path, lambda sd: sd.update({"visual.merger.mlp.0.bias": torch.zeros(7)}))
+    with pytest.raises(ValueError, match=r"'visual.merger.mlp.0.bias' in .*has shape \(7,\)"):
+        model.load_pretrained(path)
+
+
+def test_loader_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        (tmp_path / "config.json").write_text(json.dumps(tiny.config_dict()))
+        model.load_pretrained(str(tmp_path))
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    """Our writer produces files that both we and transformers load to the same logits."""
+    src = tiny.write_checkpoint(str(tmp_path / "a"), seed=14, heads=4, kv_heads=2)
+    m = model.load_pretrained(src)
+    model.save_pretrained(m, str(tmp_path / "b"), max_shard_bytes=200_000)
+    ids, pv, thw = tiny.inputs([(1, 4, 6)], [3, 5], seed=15)
+    with torch.no_grad():
+        want = m(ids, pv, thw)
+        got = model.load_pretrained(str(tmp_path / "b"))(ids, pv, thw)
+    assert torch.equal(got, want)
+    assert rel_err(tiny.hf_logits(tiny.oracle(str(tmp_path / "b")), ids, pv, thw), want) <= 1e-4
+
+
+def test_config_forms_agree():
+    flat = model.Config.from_dict(tiny.config_dict(form="flat"))
+    nested = model.Config.from_dict(tiny.config_dict(form="nested"))
+    assert flat == nested
+    assert model.Config.from_dict(flat.to_dict()) == flat

@@ -1,0 +1,118 @@
+"""Tiny random Qwen2.5-VL checkpoints written in the hub's own layout, and inputs for them.
+
+The weights come from transformers' own model (so its loader must accept our files), redrawn at
+a scale where every mistake shows: a wrong rotary split, window order or norm would move the
+logits far beyond the 1e-4 tolerance."""
+import json
+import os
+
+import torch
+
+VOCAB = 320
+IDS = dict(eos_token_id=300, vision_start_token_id=301, vision_end_token_id=302,
+           image_token_id=303, video_token_id=304)
+
+
+def config_dict(heads=4, kv_heads=2, tied=True, form="flat", layers=2, hidden=64,
+                window_size=56, fullatt=(1,)):
+    text = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden + 32,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                rms_norm_eps=1e-6, hidden_act="silu", max_position_embeddings=4096)
+    hd2 = hidden // heads // 2
+    section = [hd2 - 2 * (hd2 * 3 // 8), hd2 * 3 // 8, hd2 * 3 // 8]
+    rope = {"type": "mrope", "mrope_section": section}
+    vision = dict(depth=3, hidden_size=48, num_heads=2, intermediate_size=80, patch_size=14,
+                  temporal_patch_size=2, spatial_merge_size=2, window_size=window_size,
+                  fullatt_block_indexes=list(fullatt), out_hidden_size=hidden, in_chans=3,
+                  hidden_act="silu")
+    top = dict(architectures=["Qwen2_5_VLForConditionalGeneration"], model_type="qwen2_5_vl",
+               tie_word_embeddings=tied, vision_config=vision, **IDS)
+    if form == "flat":     # as on the hub
+        return {**top, **text, "rope_theta": 1e6, "rope_scaling": rope}
+    # as transformers 5 writes it
+    rope = {**rope, "rope_type": "default", "rope_theta": 1e6}
+    return {**top, "text_config": {**text, "rope_parameters": rope}}
+
+
+def _redraw(sd, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in sd.items():
+        if v.dim() == 1 and ("norm" in k or "ln_q" in k):
+            t = 1 + 0.2 * torch.randn(v.shape, generator=g)
+        elif v.dim() == 1:
+            t = 0.5 * torch.randn(v.shape, generator=g)
+        elif "embed_tokens" in k:
+            t = torch.randn(v.shape, generator=g)
+        else:
+            fan_in = v[0].numel()
+            t = torch.randn(v.shape, generator=g) * (1.5 / fan_in ** 0.5)
+        out[k] = t.to(v.dtype)
+    return out
+
+
+def write_checkpoint(path, seed=0, layout="hub", shards=1, dtype=torch.float32, **cfg_kwargs):
+    """Write config.json + safetensors for a random model; returns the path."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    os.makedirs(path, exist_ok=True)
+    cfg = config_dict(**cfg_kwargs)
+    torch.manual_seed(seed)
+    ref = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(cfg))
+    sd = _redraw({k: v for k, v in ref.state_dict().items()}, seed)
+    if cfg["tie_word_embeddings"]:
+        sd.pop("lm_head.weight", None)
+
+    def hub(k):     # transformers 5 names in memory -> the hub's legacy names
+        if k.startswith("model.visual."):
+            return k[len("model."):]
+        if k.startswith("model.language_model."):
+            return "model." + k[len("model.language_model."):]
+        return k
+    sd = {(hub(k) if layout == "hub" else k): v.to(dtype).contiguous() for k, v in sd.items()}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    keys = sorted(sd)
+    if shards == 1:
+        save_file(sd, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i in range(shards):
+            name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = {k: sd[k] for k in keys[i::shards]}
+            save_file(part, os.path.join(path, name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in part})
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return path
+
+
+def oracle(path, dtype=torch.float32):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        path, dtype=dtype, attn_implementation="eager").eval()
+
+
+def inputs(grids, text_lens, batch_pad=None, seed=0):
+    """One sample: text, then for each (t, h, w) grid a vision block, then more text.
+    Returns input_ids (1, L), pixel_values (N, 1176), image_grid_thw (n, 3)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, 290, (text_lens[0],), generator=g)]
+    for (t, h, w), n in zip(grids, text_lens[1:]):
+        ids += [torch.tensor([IDS["vision_start_token_id"]]),
+                torch.full((t * h * w // 4,), IDS["image_token_id"]),
+                torch.tensor([IDS["vision_end_token_id"]]),
+                torch.randint(0, 290, (n,), generator=g)]
+    n_patches = sum(t * h * w for t, h, w in grids)
+    pv = torch.randn(n_patches, 3 * 2 * 14 * 14, generator=g)
+    thw = torch.tensor(grids, dtype=torch.long).view(-1, 3)
+    return torch.cat(ids)[None], pv, thw
+
+
+def hf_logits(ref, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None):
+    kw = dict(input_ids=input_ids, attention_mask=attention_mask,
+              mm_token_type_ids=(input_ids == IDS["image_token_id"]).int())
+    if pixel_values is not None and pixel_values.numel():
+        kw.update(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+    with torch.no_grad():
+        return ref(**kw).logits
