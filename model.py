@@ -103,10 +103,10 @@ def preset(name, vocab_size=151936, **token_ids):
                     num_attention_heads=16, num_key_value_heads=2, mrope_section=[16, 24, 24]),
                dict(depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420,
                     fullatt_block_indexes=[7, 15, 23, 31], out_hidden_size=2048)),
-        "small": (dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
-                       num_attention_heads=12, num_key_value_heads=2, mrope_section=[8, 12, 12]),
-                  dict(depth=8, hidden_size=512, num_heads=8, intermediate_size=1376,
-                       fullatt_block_indexes=[3, 7], out_hidden_size=768)),
+        "small": (dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                       num_attention_heads=8, num_key_value_heads=2, mrope_section=[8, 12, 12]),
+                  dict(depth=8, hidden_size=384, num_heads=6, intermediate_size=1024,
+                       fullatt_block_indexes=[3, 7], out_hidden_size=512)),
         "tiny": (dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, mrope_section=[4, 6, 6]),
                  dict(depth=2, hidden_size=64, num_heads=2, intermediate_size=128,
@@ -161,14 +161,17 @@ class MRoPE(nn.Module):
 
 
 class KVCache(nn.Module):
-    # gpt-fast's static cache: one slot per position, written at `input_pos`
-    def __init__(self, batch, n_kv_heads, max_len, head_dim, dtype, device):
+    # gpt-fast's static cache: one slot per position, written at `input_pos`. Allocated at the
+    # first write, in the dtype the keys arrive in (bf16 under FSDP's mixed precision).
+    def __init__(self, batch, n_kv_heads, max_len, head_dim):
         super().__init__()
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = self.v = None
 
     def update(self, input_pos, k, v):
+        if self.k is None:
+            self.k = k.new_zeros(self.shape)
+            self.v = v.new_zeros(self.shape)
         self.k[:, :, input_pos] = k
         self.v[:, :, input_pos] = v
         n = int(input_pos[-1]) + 1          # rows decode in lockstep: keys past n are empty
@@ -385,10 +388,9 @@ class Qwen25VL(nn.Module):
 
     # --- generation -----------------------------------------------------------------------
     def setup_cache(self, batch, max_len):
-        p = self.model.embed_tokens.weight
         for layer in self.model.layers:
             a = layer.self_attn
-            a.kv_cache = KVCache(batch, a.n_kv_heads, max_len, a.head_dim, p.dtype, p.device)
+            a.kv_cache = KVCache(batch, a.n_kv_heads, max_len, a.head_dim)
 
     def clear_cache(self):
         for layer in self.model.layers:
@@ -635,3 +637,65 @@ def init_weights(m: Qwen25VL, std=0.02, seed=0):
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return m
+
+
+# ----------------------------------------------------------------------------------------------
+# LIVR checkpoints: what training changed, on top of a base hub checkpoint
+
+def trainable_state(m: Qwen25VL):
+    """The tensors training changed: LoRA factors and latents, or (full) the whole LM too."""
+    return {k: v.detach() for k, v in m.named_parameters() if v.requires_grad}
+
+
+def save_livr(m: Qwen25VL, out_dir, meta, state=None, extra=None):
+    """A LIVR checkpoint directory: livr.json (base path, K, latent id, LoRA settings, stage...)
+    and weights.safetensors with the trainable tensors (`state`, default: m's trainable ones);
+    `extra` maps more file names to objects for torch.save. Written to a temporary directory
+    and renamed, so a killed run never leaves a half-written checkpoint behind."""
+    import shutil
+    from safetensors.torch import save_file
+    if m is not None:
+        meta = {**meta, "num_latents": m.num_latents, "latent_token_id": m.latent_token_id}
+        state = trainable_state(m) if state is None else state
+    tmp, old = out_dir.rstrip("/") + ".tmp", out_dir.rstrip("/") + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()},
+              os.path.join(tmp, "weights.safetensors"))
+    for name, obj in (extra or {}).items():
+        torch.save(obj, os.path.join(tmp, name))
+    with open(os.path.join(tmp, "livr.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    if os.path.exists(out_dir):
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_livr(path, dtype=torch.float32, device="cpu", merge=False):
+    """A checkpoint from train.py (livr.json + weights.safetensors), or a plain hub checkpoint
+    (zero-shot). Returns (model, meta)."""
+    from safetensors.torch import load_file
+    meta_file = os.path.join(path, "livr.json")
+    if not os.path.exists(meta_file):
+        return load_pretrained(path, dtype=dtype, device=device), {"base": path, "num_latents": 0}
+    with open(meta_file) as f:
+        meta = json.load(f)
+    m = load_pretrained(meta["base"], dtype=dtype, device=device,
+                        num_latents=meta["num_latents"], latent_token_id=meta["latent_token_id"])
+    if meta.get("lora"):
+        add_lora(m, **meta["lora"])
+    weights = load_file(os.path.join(path, "weights.safetensors"), device=str(device))
+    params = dict(m.named_parameters())
+    unknown = [k for k in weights if k not in params]
+    if unknown:
+        raise ValueError(f"{path}: weights.safetensors has tensors this model lacks: {unknown[:5]}")
+    with torch.no_grad():
+        for k, v in weights.items():
+            if params[k].shape != v.shape:
+                raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, model expects "
+                                 f"{tuple(params[k].shape)}")
+            params[k].copy_(v)
+    if merge:
+        merge_lora(m)
+    return m.eval(), meta

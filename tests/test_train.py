@@ -1,0 +1,178 @@
+"""LIVR training: the bottleneck really cuts the image->answer path, only trainable tensors
+move, FSDP over 2 processes equals 1 process, kill-and-resume equals an uninterrupted run, and
+bad input fails with a message that says what to do."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import masks
+import model
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A tiny random base checkpoint with its tokenizer, and a small synthetic data set."""
+    root = tmp_path_factory.mktemp("demo")
+    base = train.make_demo_base(str(root / "base"))
+    splits = data.make_synthetic(str(root / "data"), n_train=6, n_val=2, n_test=2, seed=3)
+    return dict(root=root, base=base, train=str(splits["train"]), val=str(splits["val"]))
+
+
+def losses(run_dir, stage=1):
+    with open(os.path.join(run_dir, f"stage{stage}", "metrics.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+def args(demo, run_dir, *extra):
+    return ["--model", demo["base"], "--data", demo["train"], "--val", demo["val"],
+            "--run-dir", str(run_dir), "--batch-size", "2", "--global-batch", "4",
+            "--log-every", "100", *extra]
+
+
+# --- the bottleneck ----------------------------------------------------------------------------
+
+def answer_logits(m, proc, record, image_seed):
+    """Logits at the answer positions, with the record's images replaced by random pixels."""
+    enc = proc.encode(record)
+    pv = torch.randn(enc["pixel_values"].shape, generator=torch.Generator().manual_seed(image_seed))
+    mask = masks.build_mask(enc["kinds"], 1)[None]
+    with torch.no_grad():
+        logits = m(enc["input_ids"][None], pv * 3, enc["image_grid_thw"], mask=mask)
+    return logits[0, enc["kinds"] == masks.ANSWER]
+
+
+def test_bottleneck_cuts_the_path(demo):
+    """Under the stage-1 mask the answer changes with the image only through the latents."""
+    record = data.load_dataset(demo["train"])[0]
+    for k in (0, 4):
+        proc = data.Processor.from_pretrained(demo["base"], num_latents=k)
+        m = model.load_pretrained(demo["base"], num_latents=k, latent_token_id=proc.latent_token_id)
+        a, b = answer_logits(m, proc, record, 0), answer_logits(m, proc, record, 1)
+        if k == 0:
+            assert torch.equal(a, b), "answer saw the image without latents"
+        else:
+            assert (a - b).abs().max() > 1e-3, "latents did not carry the image"
+
+
+# --- what a step changes --------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_only_trainable_parameters_change(demo, mode):
+    a = train.parse_args(["--stage", "1", "--latents", "4", "--train", mode])
+    proc = data.Processor.from_pretrained(demo["base"], num_latents=4)
+    m = train.build_model(a, None, demo["base"], proc, torch.device("cpu"))
+    before = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    batch = data.collate([proc.encode(r) for r in data.load_dataset(demo["train"])[:2]], proc.pad_id)
+    for _ in range(2):          # two steps: LoRA's B leaves zero after the first, A after the second
+        loss, n = train.compute_loss(m, batch, "bottleneck")
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad()
+    trainable = {k for k, p in m.named_parameters() if p.requires_grad}
+    assert "latent_embeds" in trainable
+    assert not any(k.startswith("visual.") or "embed_tokens" in k for k in trainable)
+    if mode == "lora":
+        assert all("lora_" in k or k == "latent_embeds" for k in trainable)
+    else:
+        assert "model.layers.0.self_attn.q_proj.weight" in trainable
+    for k, v in m.state_dict().items():
+        if k in trainable:
+            assert not torch.equal(v, before[k]), f"{k} is trainable but did not change"
+        else:
+            assert torch.equal(v, before[k]), f"{k} is frozen but changed"
+
+
+def test_lora_merges_into_the_same_function(demo):
+    proc = data.Processor.from_pretrained(demo["base"], num_latents=2)
+    m = model.load_pretrained(demo["base"], num_latents=2, latent_token_id=proc.latent_token_id)
+    model.add_lora(m, rank=4, alpha=8, dropout=0.0)
+    for name, p in m.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    enc = proc.encode(data.load_dataset(demo["train"])[0])
+    with torch.no_grad():
+        want = m(enc["input_ids"][None], enc["pixel_values"], enc["image_grid_thw"])
+        got = model.merge_lora(m)(enc["input_ids"][None], enc["pixel_values"], enc["image_grid_thw"])
+    assert not any(isinstance(x, model.LoRALinear) for x in m.modules())
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+def test_fsdp_two_processes_equal_one(demo, tmp_path):
+    common = args(demo, tmp_path / "x", "--stage", "1", "--train", "full", "--epochs", "1",
+                  "--latents", "4")
+    one = [a if a != str(tmp_path / "x") else str(tmp_path / "one") for a in common]
+    two = [a if a != str(tmp_path / "x") else str(tmp_path / "two") for a in common]
+    train.main(one)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", "29533", os.path.join(ROOT, "train.py"), *two],
+                   check=True, cwd=ROOT, env=env, capture_output=True)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 6
+    assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_kill_and_resume_reproduces_losses(demo, tmp_path):
+    """LoRA dropout on, so the resumed run must also restore the RNG exactly."""
+    common = ["--stage", "1", "--epochs", "2", "--latents", "4", "--save-every", "2"]
+    train.main(args(demo, tmp_path / "full", *common))
+    train.main(args(demo, tmp_path / "cut", *common, "--max-steps", "5"))
+    assert len(losses(tmp_path / "cut")) == 5
+    train.main(args(demo, tmp_path / "cut", *common, "--resume"))
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert len(a) == len(b) == 12
+    assert a == pytest.approx(b, rel=1e-6)
+    # the final checkpoint loads back for evaluation
+    m, meta = model.load_livr(str(tmp_path / "cut" / "stage1" / "final"))
+    assert meta["stage"] == 1 and m.num_latents == 4
+
+
+def test_stage_two_starts_from_stage_one(demo, tmp_path):
+    common = ["--epochs", "1", "--latents", "4", "--max-steps", "1"]
+    train.main(args(demo, tmp_path, "--stage", "1", *common))
+    os.replace(tmp_path / "stage1" / "last", tmp_path / "stage1" / "final")
+    train.main(args(demo, tmp_path, "--stage", "2", *common))
+    m1, _ = model.load_livr(str(tmp_path / "stage1" / "final"))
+    m2, meta = model.load_livr(str(tmp_path / "stage2" / "last"))
+    assert meta["stage"] == 2 and meta["mask"] == "causal"
+    assert not torch.equal(m1.latent_embeds, m2.latent_embeds)
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+def fails_with(argv, capsys, pattern):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert pattern in err, err
+
+
+def test_bad_inputs(demo, tmp_path, capsys):
+    fails_with(["--stage", "1", "--model", str(tmp_path / "nope"), "--data", demo["train"]],
+               capsys, "not a checkpoint directory or a hub id")
+    fails_with(args(demo, tmp_path, "--stage", "2"), capsys,
+               "run `train.py --stage 1` first")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"images": ["missing.png"], "question": "q?", "choices": ["x", "y"],
+                               "answer": "C"}) + "\n")
+    fails_with(["--stage", "1", "--model", demo["base"], "--data", str(bad), "--run-dir",
+                str(tmp_path)], capsys, "bad.jsonl:1")
+    train.main(args(demo, tmp_path / "k", "--stage", "1", "--latents", "4", "--max-steps", "1",
+                    "--epochs", "1"))
+    fails_with(args(demo, tmp_path / "k", "--stage", "2", "--latents", "8",
+                    "--init", str(tmp_path / "k" / "stage1" / "last")), capsys,
+               "has 4 latent tokens but --latents is 8")
+    fails_with(args(demo, tmp_path / "r", "--stage", "1", "--resume"), capsys, "no checkpoint")

@@ -1,0 +1,496 @@
+"""
+LIVR training: one visible loop, two stages (PAPER.md, "What is trained, and how").
+
+    python train.py --stage 1                                  # one process, built-in demo
+    torchrun --nproc_per_node 2 train.py --stage 1             # FSDP2 over 2 processes
+    torchrun --nproc_per_node 2 train.py --stage 2             # from the stage-1 checkpoint
+    python evaluate.py                                         # scores runs/demo/stage2/final
+
+With no --model/--data the run is the built-in demo: a tiny Qwen2.5-VL-shaped model (random
+init, preset "tiny") on the synthetic tasks, all under runs/demo/. On real data:
+
+    torchrun --nproc_per_node 1 train.py --stage 1 --model Qwen/Qwen2.5-VL-3B-Instruct \
+        --data train.jsonl --val val.jsonl --run-dir runs/count
+    torchrun --nproc_per_node 1 train.py --stage 2 --model Qwen/Qwen2.5-VL-3B-Instruct \
+        --data train.jsonl --val val.jsonl --run-dir runs/count
+
+Stage 1 trains under the bottleneck mask (masks.py): the answer reaches the image only through
+the K latent tokens. Stage 2 starts from stage 1's checkpoint with the causal mask. The paper's
+comparisons come from the same loop:
+    Direct SFT      --latents 0 --mask causal --epochs 10       (one stage)
+    latents only    --stage 1 --mask causal
+    mask only       --latents 0 --mask answer_only
+Defaults are the paper's recipe: LoRA r16/a32/p0.05 on q,k,v,o,gate,up,down + the latent rows,
+AdamW lr 1e-4 wd 0.01, per-device batch 1 x accumulation = effective batch 8, 5% warm-up then
+cosine (a fresh schedule per stage), seed 42, loss on answer tokens only.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data
+import masks
+import model as qwen
+
+DEMO_DIR = "runs/demo"
+# The built-in demo learns from scratch on 2 CPU cores in minutes, so it trains the whole
+# (tiny) language model at a higher learning rate; everything else is the paper's recipe.
+DEMO = dict(train="full", lr=2e-3, epochs={1: 2, 2: 2}, batch_size=4, n_train=1200)
+PAPER_EPOCHS = {1: 4, 2: 6}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--stage", type=int, choices=[1, 2], required=True,
+                   help="1: bottleneck mask; 2: causal mask, from the stage-1 checkpoint")
+    p.add_argument("--model", help="base checkpoint (directory or hub id); default: the tiny demo model")
+    p.add_argument("--data", help="training set (.jsonl or LLaVA .json); default: synthetic tasks")
+    p.add_argument("--val", help="validation set; default: the synthetic val split with the demo")
+    p.add_argument("--run-dir", default=DEMO_DIR, help="where stage{1,2}/ checkpoints and metrics go")
+    p.add_argument("--init", help="stage 2: the stage-1 checkpoint (default RUN_DIR/stage1/final)")
+    p.add_argument("--latents", type=int, default=16, help="K latent tokens (0 = Direct SFT)")
+    p.add_argument("--mask", choices=["bottleneck", "causal", "answer_only"],
+                   help="attention mask (default: bottleneck in stage 1, causal in stage 2)")
+    p.add_argument("--train", choices=["lora", "full"], help="LoRA (paper) or the whole language "
+                   "model; the vision encoder and merger stay frozen (default: lora; demo: full)")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--epochs", type=float, help="default: 4 in stage 1, 6 in stage 2 (paper)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-4; demo 2e-3)")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps for linear warm-up")
+    p.add_argument("--batch-size", type=int, help="per-device micro-batch (default 1; demo 4)")
+    p.add_argument("--global-batch", type=int, default=8,
+                   help="samples per optimizer step over all devices (accumulation fills the rest)")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--max-len", type=int, default=4096, help="longest sample in tokens")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad records instead of failing")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="validate every N optimizer steps (0: at the end of each epoch)")
+    p.add_argument("--save-every", type=int, default=50, help="resumable checkpoint every N steps")
+    p.add_argument("--log-every", type=int, default=5)
+    p.add_argument("--resume", action="store_true", help="continue RUN_DIR/stageN/last")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (debug)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"],
+                   help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each decoder block in backward to save memory")
+    return p.parse_args(argv)
+
+
+class RunError(Exception):
+    """Bad input: a message that says what to do; main() prints it and exits 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed set-up: torchrun sets RANK/WORLD_SIZE; plain `python train.py` is one process
+
+def setup_distributed():
+    if "RANK" not in os.environ:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, dev
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if backend == "nccl":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    return rank, world, torch.device("cpu")
+
+
+def all_sum(*xs):
+    t = torch.tensor(xs, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def shard_model(m, compute_dtype, device):
+    """FSDP2, torchtitan-style: each vision block and decoder block is its own unit, then the
+    root (embeddings, tied head, latents, merger). Parameters stay fp32 masters; compute runs in
+    `compute_dtype` and gradients reduce in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    mesh = dist.device_mesh.init_device_mesh(device.type, (dist.get_world_size(),))
+    for block in m.visual.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    for layer in m.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(m, mesh=mesh, mp_policy=mp)
+    return m
+
+
+# ----------------------------------------------------------------------------------------------
+# The built-in demo: a tiny base checkpoint and the synthetic tasks, made once
+
+def make_demo_base(path):
+    """A random tiny Qwen2.5-VL in the hub's layout, with a small tokenizer of its own."""
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    data.build_tokenizer(tmp)
+    proc = data.Processor.from_pretrained(tmp, num_latents=64)       # room for up to 64 latents
+    ids = dict(image_token_id=proc.image_token_id, vision_start_token_id=proc.vision_start_token_id,
+               vision_end_token_id=proc.vision_end_token_id, eos_token_id=proc.im_end_id,
+               video_token_id=proc.tokenizer.token_to_id("<|video_pad|>"))
+    cfg = qwen.preset("tiny", vocab_size=64 * math.ceil(proc.vocab_size / 64), **ids)
+    qwen.save_pretrained(qwen.init_weights(qwen.Qwen25VL(cfg), seed=0), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def ensure_demo(run_dir, rank, n_train):
+    base, data_dir = os.path.join(run_dir, "base"), os.path.join(run_dir, "data")
+    if rank == 0 and not os.path.exists(os.path.join(base, "config.json")):
+        make_demo_base(base)
+    if rank == 0 and not os.path.exists(os.path.join(data_dir, "test.jsonl")):
+        data.make_synthetic(data_dir, n_train=n_train, seed=42)
+    if dist.is_initialized():
+        dist.barrier()
+    return base, os.path.join(data_dir, "train.jsonl"), os.path.join(data_dir, "val.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss: next-token cross-entropy on answer tokens only
+
+def compute_loss(m, batch, mask_mode):
+    """Returns (summed cross-entropy over answer tokens, number of answer tokens). Logits are
+    computed only where a label follows (`logits_at`), never as a [B, L, vocab] tensor."""
+    mask = masks.build_mask(batch["kinds"], mask_mode, batch["segment_ids"])   # (B, L, L)
+    labels = batch["labels"]
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != -100        # position i predicts token i+1
+    logits = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"], mask=mask,
+               segment_ids=batch["segment_ids"], logits_at=predicts)         # (n, vocab)
+    targets = labels[:, 1:][labels[:, 1:] != -100]
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel()
+
+
+@torch.no_grad()
+def validate(m, batches, mask_mode):
+    """Exact-match accuracy under teacher forcing: a sample counts when the argmax at every
+    answer position (answer tokens and the closing <|im_end|>) is the gold token -- the same
+    verdict greedy decoding would reach, in one forward per batch. Every rank runs the same
+    number of forwards (FSDP needs that); padded-in repeats carry weight 0."""
+    m.eval()
+    correct = total = 0.0
+    for batch, weight in batches:
+        mask = masks.build_mask(batch["kinds"], mask_mode, batch["segment_ids"])
+        labels = batch["labels"]
+        predicts = torch.zeros_like(labels, dtype=torch.bool)
+        predicts[:, :-1] = labels[:, 1:] != -100
+        pred = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"], mask=mask,
+                 segment_ids=batch["segment_ids"], logits_at=predicts).argmax(-1)
+        ok = torch.ones(labels.shape[0], dtype=torch.bool)
+        row = predicts.nonzero()[:, 0]
+        wrong = (pred != labels[:, 1:][labels[:, 1:] != -100]).cpu()
+        ok[row[wrong].cpu()] = False
+        correct += float((ok.float() * weight).sum())
+        total += float(weight.sum())
+    m.train()
+    c, t = all_sum(correct, total)
+    return c / max(t, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: trainable weights (a LIVR checkpoint evaluate.py reads) + the trainer's state
+
+def full_state(m, opt):
+    """Full (unsharded) trainable weights and optimizer state, on every rank."""
+    if not dist.is_initialized():
+        return qwen.trainable_state(m), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=False)
+    names = {k for k, p in m.named_parameters() if p.requires_grad}
+    sd = get_model_state_dict(m, options=opts)
+    return {k: v for k, v in sd.items() if k in names}, get_optimizer_state_dict(m, opt, options=opts)
+
+
+def save_checkpoint(path, m, opt, sched, meta, trainer, rank):
+    weights, opt_state = full_state(m, opt)
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    rngs = [None] * dist.get_world_size() if dist.is_initialized() else [rng]
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, rng)
+    if rank == 0:
+        qwen.save_livr(None, path, meta, state=weights,
+                       extra={"trainer.pt": {**trainer, "optimizer": opt_state,
+                                             "scheduler": sched.state_dict(), "rng": rngs}})
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_trainer_state(path, m, opt, sched, rank):
+    state = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
+    if dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(m, opt, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    rng = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+
+def build_model(args, stage_init, base, processor, device):
+    """The base model + latent rows + LoRA (or all LM weights) trainable; the rest frozen."""
+    if stage_init:
+        m, meta = qwen.load_livr(stage_init, device="cpu")
+        if m.num_latents != args.latents:
+            raise RunError(f"{stage_init} has {m.num_latents} latent tokens but --latents is "
+                           f"{args.latents}: pass --latents {m.num_latents}")
+        if (meta.get("train") or "lora") != args.train:
+            raise RunError(f"{stage_init} was trained with --train {meta.get('train')}; "
+                           f"pass --train {meta.get('train')}")
+    else:
+        m = qwen.load_pretrained(base, device="cpu", num_latents=args.latents,
+                                 latent_token_id=processor.latent_token_id)
+        if args.train == "lora":
+            qwen.add_lora(m, args.lora_rank, args.lora_alpha, args.lora_dropout)
+    for name, p in m.named_parameters():
+        if name == "latent_embeds" or "lora_" in name:
+            p.requires_grad = True
+        elif args.train == "full" and name.startswith("model.") and "embed_tokens" not in name:
+            p.requires_grad = True          # the LM's blocks and norm; embeddings stay frozen
+        else:
+            p.requires_grad = False         # vision encoder, merger, embedding table (tied head)
+    m.grad_checkpointing = args.activation_checkpointing
+    return m.to(device)
+
+
+def to_device(batch, device):
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+            for k, v in batch.items()}
+
+
+def fmt_time(s):
+    s = int(s)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = setup_distributed()
+    log = print if rank == 0 else (lambda *a, **k: None)
+    try:
+        run(args, rank, world, device, log)
+    except (RunError, data.DataError, FileNotFoundError) as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(2)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run(args, rank, world, device, log):
+    demo = args.model is None
+    if demo:
+        args.train = args.train or DEMO["train"]
+        args.lr = args.lr or DEMO["lr"]
+        args.batch_size = args.batch_size or DEMO["batch_size"]
+        args.epochs = args.epochs or DEMO["epochs"][args.stage]
+        base, train_file, val_file = ensure_demo(args.run_dir, rank, DEMO["n_train"])
+        args.data, args.val = args.data or train_file, args.val or val_file
+    else:
+        base = qwen.resolve(args.model)
+        if not args.data:
+            raise RunError("--model given without --data: pass a training set (.jsonl or .json)")
+    args.train = args.train or "lora"
+    args.lr = args.lr or 1e-4
+    args.batch_size = args.batch_size or 1
+    args.epochs = args.epochs or PAPER_EPOCHS[args.stage]
+    mask_mode = args.mask or {1: "bottleneck", 2: "causal"}[args.stage]
+    if args.global_batch % (args.batch_size * world):
+        raise RunError(f"--global-batch {args.global_batch} is not a multiple of "
+                       f"--batch-size {args.batch_size} x {world} processes")
+    accum = args.global_batch // (args.batch_size * world)
+    stage_dir = os.path.join(args.run_dir, f"stage{args.stage}")
+    init = None
+    if args.stage == 2:
+        init = args.init or os.path.join(args.run_dir, "stage1", "final")
+        if not os.path.exists(os.path.join(init, "livr.json")):
+            raise RunError(f"stage 2 starts from a stage-1 checkpoint, and {init} has none: "
+                           f"run `train.py --stage 1` first (same --run-dir) or pass --init")
+    if args.resume and not os.path.exists(os.path.join(stage_dir, "last", "trainer.pt")):
+        raise RunError(f"--resume: no checkpoint at {stage_dir}/last to resume from")
+
+    # data: every sample encoded once, up front
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    processor = data.Processor.from_pretrained(base, num_latents=args.latents)
+    train_records = data.load_dataset(args.data, skip_bad=args.skip_bad, max_len=args.max_len,
+                                      processor=processor)
+    val_records = data.load_dataset(args.val, skip_bad=args.skip_bad, max_len=args.max_len,
+                                    processor=processor) if args.val else []
+    train_set = [processor.encode(r) for r in train_records]
+    val_set = [processor.encode(r) for r in val_records]
+
+    m = build_model(args, init, base, processor, device)
+    compute_dtype = torch.bfloat16 if (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16" else torch.float32
+    if dist.is_initialized():
+        shard_model(m, compute_dtype, device)
+    elif compute_dtype != torch.float32:
+        m.to(compute_dtype)   # one device: bf16 weights; the optimizer still steps them
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=args.weight_decay)
+    steps_per_epoch = len(train_set) // args.global_batch
+    total_steps = max(1, int(steps_per_epoch * args.epochs))
+    warmup = max(1, int(args.warmup * total_steps))
+
+    def lr_lambda(step):  # 5% linear warm-up, then cosine to 0 -- a fresh schedule per stage
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+    meta = {"base": os.path.abspath(base), "stage": args.stage, "mask": mask_mode,
+            "num_latents": args.latents, "latent_token_id": processor.latent_token_id,
+            "train": args.train, "lora": None if args.train == "full" else
+            {"rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout}}
+    step, best = 0, -1.0
+    if args.resume:
+        state = load_trainer_state(os.path.join(stage_dir, "last"), m, opt, sched, rank)
+        _restore_weights(m, os.path.join(stage_dir, "last"))
+        step, best = state["step"], state["best"]
+        if rank == 0:   # drop what a killed run logged after its last checkpoint
+            with open(os.path.join(stage_dir, "metrics.jsonl")) as f:
+                kept = [l for l in f if json.loads(l)["step"] <= step]
+            with open(os.path.join(stage_dir, "metrics.jsonl"), "w") as f:
+                f.writelines(kept)
+        log(f"resumed {stage_dir}/last at step {step}")
+    elif rank == 0:
+        os.makedirs(stage_dir, exist_ok=True)
+        open(os.path.join(stage_dir, "metrics.jsonl"), "w").close()
+
+    # validation batches: the same count on every rank, padded with weight-0 repeats
+    per_rank = math.ceil(len(val_set) / world) if val_set else 0
+    mine = [val_set[(rank * per_rank + i) % len(val_set)] for i in range(per_rank)]
+    weights = [float(rank * per_rank + i < len(val_set)) for i in range(per_rank)]
+    val_batches = [(to_device(data.collate(mine[i:i + 8], processor.pad_id), device),
+                    torch.tensor(weights[i:i + 8])) for i in range(0, per_rank, 8)]
+
+    n_params = sum(p.numel() for p in params)
+    log(f"stage {args.stage} | mask {mask_mode} | K={args.latents} | train {args.train} "
+        f"({n_params / 1e6:.2f}M trainable) | {len(train_set)} samples | {total_steps} steps of "
+        f"{args.global_batch} | {world} x {device.type} | lr {args.lr:g}")
+    metrics = os.path.join(stage_dir, "metrics.jsonl")
+
+    def checkpoint(name):
+        save_checkpoint(os.path.join(stage_dir, name), m, opt, sched, meta,
+                        {"step": step, "best": best, "args": vars(args)}, rank)
+
+    def evaluate_and_keep_best():
+        nonlocal best
+        if not val_batches:
+            return
+        acc = validate(m, val_batches, mask_mode)
+        log(f"step {step} | val accuracy {100 * acc:.1f}%")
+        if rank == 0:
+            with open(metrics, "a") as f:
+                f.write(json.dumps({"step": step, "val_acc": acc}) + "\n")
+        if acc > best:
+            best = acc
+            checkpoint("best")
+
+    m.train()
+    t0, tokens_seen, start_step = time.time(), 0, step
+    while step < total_steps:
+        # the global batch for this step: a seeded permutation per epoch, so a resumed run sees
+        # exactly the samples the uninterrupted one would
+        epoch, k = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed + epoch))
+        ids = order[k * args.global_batch:(k + 1) * args.global_batch].tolist()
+        ids = ids[rank * args.batch_size * accum:(rank + 1) * args.batch_size * accum]
+        micro = [to_device(data.collate([train_set[i] for i in ids[j:j + args.batch_size]],
+                                        processor.pad_id), device)
+                 for j in range(0, len(ids), args.batch_size)]
+        n_local = sum(int((b["labels"] != -100).sum()) for b in micro)
+        (n_tokens,) = all_sum(n_local)
+        loss_sum = 0.0
+        for i, batch in enumerate(micro):
+            ce, _ = compute_loss(m, batch, mask_mode)
+            # FSDP averages gradients over ranks; scale so the step sees the global token mean
+            (ce * world / n_tokens).backward()
+            loss_sum += ce.item()
+            tokens_seen += int(batch["input_ids"].numel())
+        (loss_total,) = all_sum(loss_sum)
+        loss = loss_total / n_tokens
+        if not math.isfinite(loss):
+            raise RunError(f"non-finite loss ({loss}) at step {step}: stopping; the last good "
+                           f"checkpoint is {stage_dir}/last. Try a lower --lr.")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        step += 1
+        if rank == 0:
+            with open(metrics, "a") as f:
+                f.write(json.dumps({"step": step, "loss": loss, "lr": lr,
+                                    "grad_norm": float(grad_norm)}) + "\n")
+        if step % args.log_every == 0 or step == total_steps:
+            dt = time.time() - t0
+            eta = dt / (step - start_step) * (total_steps - step)
+            log(f"step {step}/{total_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                f"{tokens_seen * world / dt:.0f} tok/s | ETA {fmt_time(eta)}")
+        end_of_epoch = step % steps_per_epoch == 0
+        if (args.eval_every and step % args.eval_every == 0) or (not args.eval_every and end_of_epoch):
+            evaluate_and_keep_best()
+        if step % args.save_every == 0 or step == total_steps:
+            checkpoint("last")
+        if args.max_steps and step >= start_step + args.max_steps:
+            if step % args.save_every:
+                checkpoint("last")
+            log(f"stopping after --max-steps {args.max_steps}; --resume continues from step {step}")
+            return
+    if val_batches and best < 0:
+        evaluate_and_keep_best()
+    # final = the best validation checkpoint (the paper reports that one), else the last
+    if rank == 0:
+        src = os.path.join(stage_dir, "best" if val_batches else "last")
+        dst = os.path.join(stage_dir, "final")
+        shutil.rmtree(dst + ".tmp", ignore_errors=True)
+        shutil.copytree(src, dst + ".tmp", ignore=shutil.ignore_patterns("trainer.pt"))
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(dst + ".tmp", dst)
+    log(f"stage {args.stage} done: {stage_dir}/final" +
+        (f" (best val accuracy {100 * best:.1f}%)" if val_batches else ""))
+
+
+def _restore_weights(m, path):
+    from safetensors.torch import load_file
+    weights = load_file(os.path.join(path, "weights.safetensors"))
+    if dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(m, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        params = dict(m.named_parameters())
+        with torch.no_grad():
+            for k, v in weights.items():
+                params[k].copy_(v)
+
+
+if __name__ == "__main__":
+    main()
