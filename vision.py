@@ -1,0 +1,249 @@
+"""
+The Qwen2.5-VL vision encoder (ViT + patch merger), from scratch, in one file.
+
+Mirrors `Qwen2_5_VisionTransformerPretrainedModel` in transformers'
+`models/qwen2_5_vl/modeling_qwen2_5_vl.py`: same parameter names (the hub's `visual.*` keys
+with the prefix removed), same numbers, none of its indirection. tests/test_vision.py checks it
+against that class.
+
+How an image becomes LM tokens:
+  1. The image processor has already cut the image into 14x14x(2 frames) patches and flattened
+     each one to a row of pixel_values [num_patches, 3*2*14*14], listed merge-block by
+     merge-block: the 4 patches of each 2x2 block are adjacent, blocks in raster order.
+  2. A linear patch embedding (the checkpoint stores it as a Conv3d whose stride equals its
+     kernel, which is just a matmul on the flattened patch).
+  3. `depth` pre-norm transformer blocks with 2-D rotary positions (row, col of the patch).
+     Most blocks attend only inside a window of 112x112 pixels (8x8 patches = 4x4 merged
+     tokens); the `fullatt_block_indexes` blocks attend across the whole image.
+  4. The merger: RMSNorm per patch, concatenate each 2x2 block, MLP to the LM width.
+
+Windows, the one idea worth reading slowly: we lay all patches of all images out once, per
+forward, as a padded grid [num_windows, 64 slots] (window_layout). Windowed attention is then a
+reshape plus a single SDPA call with a key-padding mask, and full attention is one SDPA call per
+image over that image's windows. Windows at the right/bottom edge are partly empty; their empty
+slots hold a copy of some real patch, are masked out as keys, and are dropped before the merger.
+"""
+import math
+from dataclasses import dataclass, fields
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class VisionConfig:
+    depth: int = 32
+    hidden_size: int = 1280
+    num_heads: int = 16
+    intermediate_size: int = 3420
+    out_hidden_size: int = 2048           # the LM's hidden size
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2           # 2x2 patches -> one LM token
+    window_size: int = 112                # in pixels: 112 / 14 / 2 = 4x4 merged tokens per window
+    fullatt_block_indexes: tuple = (7, 15, 23, 31)
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+    @classmethod
+    def from_dict(cls, d):
+        """Read a checkpoint's `vision_config`; hub files and transformers spell some keys differently."""
+        aliases = {"in_chans": "in_channels", "num_attention_heads": "num_heads", "num_hidden_layers": "depth"}
+        kw = {aliases.get(k, k): v for k, v in d.items()}
+        if isinstance(d.get("rope_parameters"), dict) and "rope_theta" in d["rope_parameters"]:
+            kw["rope_theta"] = d["rope_parameters"]["rope_theta"]
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in kw.items() if k in names}
+        if "fullatt_block_indexes" in kw:
+            kw["fullatt_block_indexes"] = tuple(kw["fullatt_block_indexes"])
+        return cls(**kw)
+
+
+class Layout(NamedTuple):
+    """Where every patch sits in the padded window grid. Built once per forward."""
+    src: torch.Tensor          # [S] patch feeding each slot (empty slots: any patch of the same frame)
+    pos: torch.Tensor          # [S, 2] (row, col) of the slot's patch in its image
+    window_mask: torch.Tensor  # [W, 1, 1, P] key may be attended to; None when no slot is empty
+    images: list               # per image: (first slot, frames, slots per frame, key mask or None)
+    merged_src: torch.Tensor   # [num_patches // m^2] merged slot of each output token, processor order
+
+    def to(self, device):
+        mv = lambda z: None if z is None else z.to(device)
+        return Layout(mv(self.src), mv(self.pos), mv(self.window_mask),
+                      [(a, t, n, mv(mask)) for a, t, n, mask in self.images], mv(self.merged_src))
+
+
+def window_layout(grid_thw, cfg):
+    """Slot s of the padded grid = (frame, window row, window col, token row, token col, i, j),
+    i.e. windows in raster order, merged tokens in raster order inside a window, and the m x m
+    patches of a merged token last -- the same order transformers' `get_window_index` uses,
+    plus empty slots where the image ends inside a window."""
+    m = cfg.spatial_merge_size
+    s = cfg.window_size // cfg.patch_size // m  # merged tokens per window side
+    P = (s * m) ** 2                            # patch slots per window
+    num_patches = int(grid_thw.prod(-1).sum())
+    ar = lambda n, dim: torch.arange(n).view([-1 if d == dim else 1 for d in range(7)])
+    src, pos, valid, images = [], [], [], []
+    patch0 = slot0 = 0
+    for t, h, w in grid_thw.tolist():
+        H, W = h // m, w // m                           # merged grid
+        nh, nw = math.ceil(H / s), math.ceil(W / s)     # windows per column / row
+        R = ar(nh, 1) * s + ar(s, 3)                    # merged row of the slot
+        C = ar(nw, 2) * s + ar(s, 4)                    # merged col of the slot
+        i, j = ar(m, 5), ar(m, 6)                       # patch inside the merged token
+        shape = (t, nh, nw, s, s, m, m)
+        ok = ((R < H) & (C < W)).expand(shape)
+        # processor order: frame, merged token raster, then the m x m patches of the token
+        idx = patch0 + ar(t, 0) * h * w + (R * W + C) * m * m + i * m + j
+        # an empty slot copies its frame's first patch: any finite row will do, it is masked out
+        src.append(torch.where(ok, idx, idx[:, :1, :1, :1, :1, :1, :1]).reshape(-1))
+        pos.append(torch.stack([(R * m + i).expand(shape), (C * m + j).expand(shape)], -1).view(-1, 2))
+        ok = ok.reshape(-1)
+        valid.append(ok)
+        n = nh * nw * P
+        images.append((slot0, t, n, None if ok.all() else ok.view(t, 1, 1, n)))
+        patch0, slot0 = patch0 + t * h * w, slot0 + t * n
+    src, pos, valid = torch.cat(src), torch.cat(pos), torch.cat(valid)
+    window_mask = None if valid.all() else valid.view(-1, 1, 1, P)
+    # invert slot -> patch, then read off each merged token's first patch (its m^2 patches share a token)
+    slot_of_patch = torch.empty(num_patches, dtype=torch.long)
+    slot_of_patch[src[valid]] = torch.arange(len(src))[valid]
+    return Layout(src, pos, window_mask, images, slot_of_patch[:: m * m] // (m * m))
+
+
+def rotary_cos_sin(pos, head_dim, theta):
+    """2-D RoPE: the first half of each rotary half turns with the row, the second with the col.
+    pos [S, 2] -> cos, sin [S, 1, 1, head_dim] in fp32 (broadcast over q/k and heads)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float) / (head_dim // 2))
+    freqs = (pos[..., None].float() * inv_freq).flatten(1)  # [S, head_dim/2]: rows' freqs, then cols'
+    emb = torch.cat([freqs, freqs], dim=-1)                  # rotate_half pairs channel c with c + head_dim/2
+    return emb.cos()[:, None, None], emb.sin()[:, None, None]
+
+
+def apply_rotary(x, cos, sin):
+    """x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1]. Written as
+    [x2, x1] * [-sin1, sin2] so the second product fuses into one in-place addcmul_ (this op is
+    memory-bound on CPU). x [S, 2, heads, head_dim] holds q and k; the reference rotates in fp32."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    sin1, sin2 = sin.chunk(2, dim=-1)
+    return (xf * cos).addcmul_(torch.cat([x2, x1], dim=-1), torch.cat([-sin1, sin2], dim=-1)).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    # Qwen2_5_VLRMSNorm: normalise in fp32, cast back, then scale (the order matters in bf16)
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype).mul_(self.weight)
+
+
+class PatchEmbed(nn.Module):
+    # Qwen2_5_VisionPatchEmbed. A Conv3d with stride == kernel over one patch is a matmul on the
+    # flattened patch (rows are already flattened in (c, t, h, w) order, the weight's own order).
+    def __init__(self, cfg):
+        super().__init__()
+        k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=k, stride=k, bias=False)
+
+    def forward(self, x):  # [S, c*t*p*p] -> [S, hidden]
+        w = self.proj.weight
+        return F.linear(x.to(w.dtype), w.view(w.shape[0], -1))
+
+
+class Attention(nn.Module):
+    # Qwen2_5_VLVisionAttention, run on the padded window grid
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
+        self.window_len = (cfg.window_size // cfg.patch_size) ** 2  # P patch slots per window (64)
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x, cos, sin, layout, full):
+        S, D = x.shape
+        qkv = self.qkv(x).view(S, 3, self.n_head, self.head_dim)
+        qk = apply_rotary(qkv[:, :2], cos, sin)
+        q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]                 # each [S, nh, hs]
+        if full:  # every patch of an image (of one frame) sees every other: one SDPA call per image
+            out = []
+            for a, t, n, mask in layout.images:
+                qi, ki, vi = (z[a:a + t * n].view(t, n, self.n_head, -1).transpose(1, 2) for z in (q, k, v))
+                out.append(F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask).transpose(1, 2).reshape(-1, D))
+            y = torch.cat(out) if len(out) > 1 else out[0]
+        else:     # windows are consecutive runs of P slots: one SDPA call over all windows of all images
+            qw, kw, vw = (z.view(-1, self.window_len, self.n_head, self.head_dim).transpose(1, 2) for z in (q, k, v))  # (W, nh, P, hs)
+            y = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=layout.window_mask).transpose(1, 2).reshape(S, D)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    # Qwen2_5_VLMLP(bias=True): SwiGLU
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    # Qwen2_5_VLVisionBlock: pre-norm attention + pre-norm MLP
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, layout, full):
+        # x + f(x), written as f(x).add_(x): on CPU a fresh [S, hidden] buffer costs as much as the
+        # add itself (page faults), so the elementwise ops here run in place. Autograd is fine with it.
+        x = self.attn(self.norm1(x), cos, sin, layout, full).add_(x)
+        return self.mlp(self.norm2(x)).add_(x)
+
+
+class PatchMerger(nn.Module):
+    # Qwen2_5_VLPatchMerger: RMSNorm each patch, concatenate the m x m patches of a token, MLP
+    def __init__(self, cfg):
+        super().__init__()
+        dim = cfg.hidden_size * cfg.spatial_merge_size ** 2
+        self.ln_q = RMSNorm(cfg.hidden_size, 1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, cfg.out_hidden_size))
+
+    def forward(self, x):  # [M, m*m, hidden] -> [M, out_hidden]
+        return self.mlp(self.ln_q(x).flatten(1))
+
+
+class VisionEncoder(nn.Module):
+    # Qwen2_5_VisionTransformerPretrainedModel (its `pooler_output`)
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.hidden_act == "silu", f"only the SwiGLU/silu vision MLP is implemented, got {cfg.hidden_act}"
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.merger = PatchMerger(cfg)
+
+    def forward(self, pixel_values, grid_thw):
+        """pixel_values [num_patches, c*t*p*p], grid_thw [num_images, 3] as the image processor
+        returns them -> [num_patches // m^2, out_hidden], image 0's tokens first, each image's
+        tokens in merged-raster order (the order of its <|image_pad|> placeholders)."""
+        cfg, dev = self.cfg, pixel_values.device
+        layout = window_layout(grid_thw.cpu(), cfg).to(dev)
+        x = self.patch_embed(pixel_values[layout.src])  # [S, hidden], patches gathered into the window grid
+        cos, sin = rotary_cos_sin(layout.pos, cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, cos, sin, layout, full=i in cfg.fullatt_block_indexes)
+        # back to processor order, dropping empty slots: one gather of whole merged tokens
+        x = x.view(-1, cfg.spatial_merge_size ** 2, cfg.hidden_size)[layout.merged_src]
+        return self.merger(x)
