@@ -1,0 +1,1001 @@
+"""
+Model inputs for LIVR, exactly as the reference Qwen2.5-VL processor makes them.
+
+LIVR trains and evaluates on multiple-choice visual tasks (BLINK style, 1-4 images per question)
+and on open-ended counting. This file turns such records into the tensors the model eats, and
+tags every token with its *kind* so masks.py can build the visual bottleneck:
+
+    <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n
+    <|vision_start|><|image_pad|>*n1<|vision_end|> ... question ... <|latent_0|>..<|latent_K-1|>
+    <|im_end|>\\n<|im_start|>assistant\\n  A<|im_end|>
+    kinds:  text ....... image ...... text ...... latent ...... text ...... answer
+
+What it mirrors (transformers is the oracle in tests/, never imported here):
+  - preprocess_image   = Qwen2VLImageProcessorPil (smart_resize, PIL bicubic, rescale, normalize,
+                         patch flattening), to 1e-5 for any image size.
+  - Processor.encode   = Qwen2_5_VLProcessor + apply_chat_template with Qwen2.5-VL's chat template,
+                         token for token, plus the K latent tokens after the question (PAPER.md,
+                         "Sequence layout": Q' = Q + L).
+  - build_tokenizer    = a tiny byte-level BPE with Qwen2's pre-tokenizer and Qwen2.5-VL's special
+                         tokens in Qwen's order, so tests and the CPU demo run without downloads.
+Data formats: our JSONL, LLaVA-style JSON, BLINK parquet (converted), and built-in synthetic
+vision-centric tasks (counting, object localization, visual similarity, jigsaw) for the demo.
+
+Run:
+    python data.py synth --out data/synth                  # write the synthetic tasks (JSONL + PNG)
+    python data.py check data/synth/train.jsonl --max-len 256
+    python data.py show data/synth/train.jsonl --index 0   # what the model sees, token by token
+    python data.py convert-blink path/to/BLINK --out data/blink   # needs pyarrow
+"""
+import argparse
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+import masks
+
+# ----------------------------------------------------------------------------------------------
+# Images: Qwen2VLImageProcessorPil in numpy
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class ImageConfig:
+    """The image half of preprocessor_config.json (defaults = Qwen2.5-VL-3B-Instruct's file)."""
+    min_pixels: int = 56 * 56                    # 3136
+    max_pixels: int = 28 * 28 * 16384            # 12845056 (the class default 1003520 is NOT what the hub file says)
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple = OPENAI_CLIP_MEAN
+    image_std: tuple = OPENAI_CLIP_STD
+
+    @classmethod
+    def from_dict(cls, d):
+        # transformers lets min_pixels/max_pixels override size={shortest_edge, longest_edge}
+        size = d.get("size") or {}
+        c = cls()
+        c.min_pixels = int(d.get("min_pixels") or size.get("shortest_edge") or c.min_pixels)
+        c.max_pixels = int(d.get("max_pixels") or size.get("longest_edge") or c.max_pixels)
+        for k in ("patch_size", "temporal_patch_size", "merge_size"):
+            setattr(c, k, int(d.get(k, getattr(c, k))))
+        c.image_mean = tuple(d.get("image_mean", c.image_mean))
+        c.image_std = tuple(d.get("image_std", c.image_std))
+        return c
+
+    @classmethod
+    def from_pretrained(cls, path):
+        path = Path(path)
+        if (path / "preprocessor_config.json").exists():
+            return cls.from_dict(json.loads((path / "preprocessor_config.json").read_text()))
+        if (path / "processor_config.json").exists():  # transformers 5 may nest it here
+            return cls.from_dict(json.loads((path / "processor_config.json").read_text()).get("image_processor", {}))
+        return cls()
+
+
+def smart_resize(height, width, factor=28, min_pixels=56 * 56, max_pixels=28 * 28 * 16384):
+    """(h, w) rounded to multiples of `factor` with h*w in [min_pixels, max_pixels], aspect kept.
+    Same arithmetic as transformers' smart_resize, including its rounding quirks."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def to_rgb(image):
+    """PIL RGB image from a path, PIL image or HWC uint8 array. Transparency is composited onto
+    white, as transformers' convert_to_rgb does (a plain .convert('RGB') would give black)."""
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as im:
+            im.load()
+            image = im.copy()
+    elif isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if _has_alpha(image):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _has_alpha(im):
+    return "A" in im.getbands() or im.info.get("transparency") is not None
+
+
+def preprocess_image(image, min_pixels=56 * 56, max_pixels=28 * 28 * 16384, mean=OPENAI_CLIP_MEAN,
+                     std=OPENAI_CLIP_STD, patch_size=14, temporal_patch_size=2, merge_size=2):
+    """One image -> (pixel_values float32 [N, 3*T*p*p] = [N, 1176], grid_thw LongTensor [3] = (1, h, w)).
+    N = h*w patches of 14x14; every 2x2 block of patches becomes one LM token (N/4 <|image_pad|>)."""
+    pixel_values, grid_thw = _preprocess_np(image, min_pixels, max_pixels, mean, std, patch_size,
+                                            temporal_patch_size, merge_size)
+    return torch.from_numpy(pixel_values), torch.tensor(grid_thw, dtype=torch.long)
+
+
+def _preprocess_np(image, min_pixels, max_pixels, mean, std, patch_size, temporal_patch_size, merge_size):
+    image = to_rgb(image)
+    factor = patch_size * merge_size
+    h, w = smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
+    image = image.resize((w, h), resample=Image.BICUBIC)          # PIL takes (width, height)
+    # rescale in float64 then cast, normalise in float32: the reference's exact order of operations
+    x = (np.asarray(image).astype(np.float64) * (1 / 255)).astype(np.float32)      # (H, W, 3)
+    x = (x - np.array(mean, np.float32)) / np.array(std, np.float32)
+    gh, gw, m, p, c = h // patch_size, w // patch_size, merge_size, patch_size, 3
+    x = x.transpose(2, 0, 1).reshape(c, gh // m, m, p, gw // m, m, p)
+    # patch order: merge-groups row-major, the m*m patches of a group contiguous, so the merger
+    # can fuse each 2x2 group by a plain reshape
+    x = x.transpose(1, 4, 2, 5, 0, 3, 6)                          # (gh/m, gw/m, m, m, C, p, p)
+    # a still image is a 2-frame clip of the same frame (Conv3d patch embed has temporal kernel 2)
+    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], temporal_patch_size, p, p))
+    return np.ascontiguousarray(x).reshape(gh * gw, c * temporal_patch_size * p * p), (1, gh, gw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and chat template
+
+# Qwen2.5-VL's added tokens in Qwen's order (ids 151643.. on the real tokenizer); True = special.
+QWEN_ADDED_TOKENS = [
+    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
+    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True),
+    ("<|box_end|>", True), ("<|quad_start|>", True), ("<|quad_end|>", True),
+    ("<|vision_start|>", True), ("<|vision_end|>", True), ("<|vision_pad|>", True),
+    ("<|image_pad|>", True), ("<|video_pad|>", True),
+    ("<tool_call>", False), ("</tool_call>", False), ("<|fim_prefix|>", False), ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False), ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False),
+]
+# Qwen2's pre-tokenizer: letters, single digits, punctuation runs, newlines and spaces split apart
+QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+                           r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+IMAGE_PLACEHOLDER = "<image>"          # LLaVA-style marker in the question text
+LATENT_TOKEN = "<|latent_{}|>"
+# Qwen2.5-VL-Instruct's chat template, verbatim. Only written into tokenizer_config.json so that
+# transformers (the oracle) renders what render_chat() renders; we never run Jinja ourselves.
+QWEN25VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def render_chat(user_parts, answer=None, system_prompt=DEFAULT_SYSTEM_PROMPT):
+    """QWEN25VL_CHAT_TEMPLATE in plain Python for one user turn. user_parts: strings, and ints for
+    images (the int = that image's number of <|image_pad|> tokens, already expanded as the
+    processor does). Returns (text, answer_start): without an answer the text ends with the
+    generation prompt; with one it ends at the answer's <|im_end|> (the template's trailing "\\n"
+    is never trained on or generated, so we drop it)."""
+    text = f"<|im_start|>system\n{system_prompt}<|im_end|>\n<|im_start|>user\n"
+    for part in user_parts:
+        text += part if isinstance(part, str) else "<|vision_start|>" + "<|image_pad|>" * part + "<|vision_end|>"
+    text += "<|im_end|>\n<|im_start|>assistant\n"
+    answer_start = len(text)
+    if answer is not None:
+        text += answer + "<|im_end|>"
+    return text, answer_start
+
+
+def build_tokenizer(out_dir, corpus=None, vocab_size=1000, min_pixels=56 * 56, max_pixels=28 * 28 * 16384):
+    """Write a small Qwen2.5-VL-shaped checkpoint tokenizer into out_dir (tokenizer.json,
+    tokenizer_config.json with the chat template, chat_template.json, preprocessor_config.json).
+    Byte-level BPE trained on `corpus` (default: the synthetic tasks' and BLINK's wording), so any
+    text still encodes (bytes are the base alphabet); Qwen's added tokens follow the BPE vocab as
+    on the real tokenizer. Deterministic; well under a second. vocab_size is an upper bound: the
+    default corpus stops at ~425 BPE tokens (447 with Qwen's added tokens, before latents)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, show_progress=False, special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus if corpus is not None else default_corpus(), trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, s in QWEN_ADDED_TOKENS if s])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, s in QWEN_ADDED_TOKENS if not s])
+    tok.save(str(out_dir / "tokenizer.json"))
+
+    added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                       "single_word": False, "special": s} for t, s in QWEN_ADDED_TOKENS}
+    tokenizer_config = {
+        "tokenizer_class": "Qwen2Tokenizer", "model_max_length": 131072, "errors": "replace",
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
+        "add_prefix_space": False, "split_special_tokens": False, "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": added, "chat_template": QWEN25VL_CHAT_TEMPLATE,
+    }
+    preprocessor_config = {
+        "min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": 14, "temporal_patch_size": 2,
+        "merge_size": 2, "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+    }
+    for name, obj in [("tokenizer_config.json", tokenizer_config), ("preprocessor_config.json", preprocessor_config),
+                      ("chat_template.json", {"chat_template": QWEN25VL_CHAT_TEMPLATE})]:
+        (out_dir / name).write_text(json.dumps(obj, indent=2) + "\n")
+    return out_dir
+
+
+def default_corpus():
+    """What the toy tokenizer learns merges from: the chat frame, BLINK's phrasing, our tasks."""
+    lines = [DEFAULT_SYSTEM_PROMPT, "system\n", "user\n", "assistant\n", "Select from the following choices.",
+             "the first image", "the second image", "the third image", "the fourth image",
+             "Which image is more similar to the reference image?", "How many objects are in the image?",
+             "Answer with a number.", "yes", "no", " ".join("0123456789"), " ".join("ABCD")]
+    lines += [f"({a}) {b}" for a in "ABCD" for b in ("the second image", "the third image")]
+    for spec in SYNTHETIC_TASKS.values():
+        lines.append(format_prompt(spec["question"], spec["choices"]))
+    return lines * 4
+
+
+def default_processor(num_latents=16):
+    """A Processor over the toy tokenizer, built once into a temp cache (for offline CLI use)."""
+    key = hashlib.sha1(json.dumps([default_corpus(), QWEN_ADDED_TOKENS]).encode()).hexdigest()[:10]
+    path = Path(tempfile.gettempdir()) / f"livr-toy-tokenizer-{key}"
+    if not (path / "preprocessor_config.json").exists():
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + "."))
+        build_tokenizer(tmp)
+        try:
+            os.replace(tmp, path)             # atomic: concurrent builders don't see half a directory
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return Processor.from_pretrained(path, num_latents=num_latents)
+
+
+# ----------------------------------------------------------------------------------------------
+# Records
+
+@dataclass
+class Sample:
+    """One question. images: paths or PIL images, in order. question may carry LLaVA-style
+    <image> placeholders; without them the images come first, as in BLINK."""
+    images: list
+    question: str
+    answer: str | None = None            # "A".."D" for multiple choice, "7" for counting
+    choices: list | None = None          # None = open-ended
+    task: str = ""
+    prompt: str | None = None            # verbatim user text when it differs from format_prompt()
+    id: str = ""
+    where: str = ""                      # "file:line", for error messages
+    llava: bool = False                  # LLaVA data: each image must have its <image> placeholder
+
+    @property
+    def text(self):
+        return self.prompt if self.prompt is not None else format_prompt(self.question, self.choices)
+
+
+def answer_letters(n):
+    return [chr(ord("A") + i) for i in range(n)]
+
+
+def format_prompt(question, choices=None):
+    """BLINK's wording: '<question>\\nSelect from the following choices.\\n(A) ..\\n(B) ..'."""
+    if not choices:
+        return question
+    options = "\n".join(f"({letter}) {c}" for letter, c in zip(answer_letters(len(choices)), choices))
+    return f"{question}\nSelect from the following choices.\n{options}"
+
+
+def normalize_answer(answer):
+    """'(A)' (BLINK's gold format) -> 'A'; anything else stripped."""
+    answer = str(answer).strip()
+    m = re.fullmatch(r"\(([A-Z])\)", answer)
+    return m.group(1) if m else answer
+
+
+def chance(record):
+    """Accuracy of uniform guessing: 1/len(choices); open-ended counting (2-9) is 1/8."""
+    return 1 / len(record.choices) if record.choices else 1 / len(COUNT_RANGE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Processor: records -> model inputs
+
+class Processor:
+    """Qwen2_5_VLProcessor + apply_chat_template in plain Python, with LIVR's K latent tokens."""
+
+    def __init__(self, tokenizer, image_config=None, num_latents=16, system_prompt=DEFAULT_SYSTEM_PROMPT):
+        self.tokenizer = tokenizer
+        self.image_config = image_config or ImageConfig()
+        self.num_latents = num_latents
+        self.system_prompt = system_prompt
+        # K new vocabulary entries (PAPER.md, "Latent tokens"): special, so text never splits them.
+        # On the real Qwen tokenizer (151,665 tokens) they land at 151665.., unused embedding rows.
+        self.latent_tokens = [LATENT_TOKEN.format(i) for i in range(num_latents)]
+        missing = [t for t in self.latent_tokens if tokenizer.token_to_id(t) is None]
+        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        ids = [tokenizer.token_to_id(t) for t in self.latent_tokens]
+        if ids and ids != list(range(ids[0], ids[0] + num_latents)):
+            raise ValueError(f"latent token ids are not consecutive: {ids}")
+        self.latent_token_id = ids[0] if ids else None
+        lookup = self._id
+        self.image_token_id = lookup("<|image_pad|>")
+        self.vision_start_token_id = lookup("<|vision_start|>")
+        self.vision_end_token_id = lookup("<|vision_end|>")
+        self.im_start_id = lookup("<|im_start|>")
+        self.im_end_id = lookup("<|im_end|>")
+        self.pad_id = lookup("<|endoftext|>")
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.reserved = [t for t, _ in QWEN_ADDED_TOKENS] + self.latent_tokens
+        c = self.image_config
+        self.patch_dim = 3 * c.temporal_patch_size * c.patch_size ** 2       # 1176
+
+    def _id(self, token):
+        i = self.tokenizer.token_to_id(token)
+        if i is None:
+            raise ValueError(f"tokenizer has no {token}: is this a Qwen2.5-VL tokenizer?")
+        return i
+
+    @classmethod
+    def from_pretrained(cls, path, num_latents=16, min_pixels=None, max_pixels=None):
+        path = Path(path)
+        if not (path / "tokenizer.json").exists():
+            raise FileNotFoundError(f"{path / 'tokenizer.json'} not found (expected a Qwen2.5-VL checkpoint directory)")
+        image_config = ImageConfig.from_pretrained(path)
+        image_config.min_pixels = min_pixels or image_config.min_pixels
+        image_config.max_pixels = max_pixels or image_config.max_pixels
+        return cls(Tokenizer.from_file(str(path / "tokenizer.json")), image_config, num_latents)
+
+    def image_tokens(self, width, height):
+        """<|image_pad|> count for an image of this size (no pixels touched)."""
+        c = self.image_config
+        h, w = smart_resize(height, width, c.patch_size * c.merge_size, c.min_pixels, c.max_pixels)
+        return (h // c.patch_size) * (w // c.patch_size) // c.merge_size ** 2
+
+    def preprocess(self, image):
+        """numpy (pixel_values [N, 1176], (1, h, w)) with this checkpoint's settings."""
+        c = self.image_config
+        return _preprocess_np(image, c.min_pixels, c.max_pixels, c.image_mean, c.image_std,
+                              c.patch_size, c.temporal_patch_size, c.merge_size)
+
+    def user_parts(self, sample, image_token_counts):
+        """The user turn as [str | int]: images where the <image> placeholders are (a newline on
+        either side of a placeholder goes with it, as Qwen fine-tuning repos convert LLaVA data),
+        else all images first; then the latents right after the question."""
+        text = sample.text
+        if IMAGE_PLACEHOLDER in text:
+            pieces = re.split(r"\n?" + re.escape(IMAGE_PLACEHOLDER) + r"\n?", text)
+            if len(pieces) - 1 != len(image_token_counts):
+                raise ValueError(f"{sample.where}: {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders "
+                                 f"for {len(image_token_counts)} images")
+            parts = [pieces[0]]
+            for n, piece in zip(image_token_counts, pieces[1:]):
+                parts += [n, piece]
+        else:
+            parts = list(image_token_counts) + [text]
+        parts.append("".join(self.latent_tokens))
+        return [p for p in parts if p != ""]
+
+    def render(self, sample, with_answer=True, image_token_counts=None):
+        """(text, answer_start) of the whole conversation, image pads expanded."""
+        if image_token_counts is None:
+            image_token_counts = [self.image_tokens(*_image_size(im)) for im in sample.images]
+        answer = None
+        if with_answer:
+            if not sample.answer:
+                raise ValueError(f"{sample.where}: no answer to encode")
+            answer = normalize_answer(sample.answer)
+        return render_chat(self.user_parts(sample, image_token_counts), answer, self.system_prompt)
+
+    def num_tokens(self, sample, with_answer=True):
+        """Sequence length of encode(sample) without decoding any pixels."""
+        return len(self.tokenizer.encode(self.render(sample, with_answer)[0], add_special_tokens=False).ids)
+
+    def encode(self, record, with_answer=True):
+        """A Sample (or dict) -> input_ids, labels, kinds [L]; pixel_values [N, 1176]; image_grid_thw [n, 3]."""
+        sample = as_sample(record)
+        pixels, grids = [], []
+        for image in sample.images:
+            pv, thw = self.preprocess(image)
+            pixels.append(pv)
+            grids.append(thw)
+        counts = [t * h * w // self.image_config.merge_size ** 2 for t, h, w in grids]
+        text, answer_start = self.render(sample, with_answer, counts)
+        # Tokenize the whole string at once, exactly as the reference does, so BPE sees the same
+        # pre-tokens; then find the answer by character offsets rather than re-tokenizing pieces.
+        enc = self.tokenizer.encode(text, add_special_tokens=False)
+        input_ids = torch.tensor(enc.ids, dtype=torch.long)
+        starts = torch.tensor([s for s, _ in enc.offsets], dtype=torch.long)
+        ends = torch.tensor([e for _, e in enc.offsets], dtype=torch.long)
+        if ((starts < answer_start) & (ends > answer_start)).any():
+            raise ValueError(f"{sample.where}: a token straddles the start of the answer")
+        is_answer = starts >= answer_start if with_answer else torch.zeros_like(input_ids, dtype=torch.bool)
+        labels = torch.where(is_answer, input_ids, torch.full_like(input_ids, -100))
+        kinds = torch.full_like(input_ids, masks.TEXT)
+        kinds[input_ids == self.image_token_id] = masks.IMAGE
+        if self.num_latents:
+            is_latent = (input_ids >= self.latent_token_id) & (input_ids < self.latent_token_id + self.num_latents)
+            kinds[is_latent] = masks.LATENT
+        kinds[is_answer] = masks.ANSWER
+        assert int((kinds == masks.IMAGE).sum()) == sum(counts)
+        return {
+            "input_ids": input_ids,                                                     # [L]
+            "labels": labels,                                                           # [L], -100 = no loss
+            "kinds": kinds,                                                             # [L], masks.TEXT/IMAGE/...
+            # concatenated in numpy: one big torch op wakes the thread pool, which costs ms on small CPUs
+            "pixel_values": torch.from_numpy(np.concatenate(pixels) if pixels else np.zeros((0, self.patch_dim), np.float32)),
+            "image_grid_thw": torch.tensor(grids, dtype=torch.long).reshape(-1, 3),       # [n, 3]
+        }
+
+    def decode(self, ids, skip_special_tokens=True):
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _image_size(image):
+    """(width, height) from a PIL image or just the file header."""
+    if isinstance(image, Image.Image):
+        return image.size
+    with Image.open(image) as im:
+        return im.size
+
+
+def as_sample(record):
+    if isinstance(record, Sample):
+        return record
+    d = dict(record)
+    return Sample(images=list(d.get("images") or []), question=d.get("question", ""), answer=d.get("answer"),
+                  choices=d.get("choices"), task=d.get("task", ""), prompt=d.get("prompt"), id=str(d.get("id", "")))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, with a report of every bad record
+
+class DataError(ValueError):
+    """A dataset with bad records; str(e) is the full report, e.problems the 'file:line: reason' lines."""
+
+    def __init__(self, problems, total, path):
+        self.problems = problems
+        super().__init__("\n".join(problems) + f"\n{len(problems)} bad record(s) of {total} in {path} "
+                         "(fix them, or pass --skip-bad / skip_bad=True to leave them out)")
+
+
+def read_records(path, image_root=None):
+    """Parse a dataset file: [(where, Sample | None, parse_error | None)] in file order.
+    .jsonl: one record per line (ours, or LLaVA-style if it has "conversations");
+    .json: a list of records (LLaVA style, or ours). Image paths are relative to the file
+    (or to image_root)."""
+    path = Path(path)
+    root = Path(image_root) if image_root else path.parent
+    text = path.read_text(encoding="utf-8")
+    raw = []                                        # (line number, object or None, error)
+    if path.suffix == ".json":
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError as e:
+            return [(f"{path}:{e.lineno}", None, f"not valid JSON ({e.msg})")]
+        if not isinstance(whole, list):
+            return [(f"{path}:1", None, "expected a JSON list of records")]
+        raw = list(_json_list_with_lines(text))
+    else:
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                raw.append((n, json.loads(line), None))
+            except json.JSONDecodeError as e:
+                raw.append((n, None, f"not valid JSON ({e.msg})"))
+    out = []
+    for n, obj, err in raw:
+        where = f"{path}:{n}"
+        if err is None and not isinstance(obj, dict):
+            err = "record is not a JSON object"
+        if err:
+            out.append((where, None, err))
+            continue
+        try:
+            sample = _llava_sample(obj, root) if "conversations" in obj else _our_sample(obj, root)
+            sample.where = where
+            out.append((where, sample, None))
+        except ValueError as e:
+            out.append((where, None, str(e)))
+    return out
+
+
+def _json_list_with_lines(text):
+    """Yield (line, object, None) for each element of a (valid) top-level JSON list."""
+    dec, ws = json.JSONDecoder(), re.compile(r"[\s,]*")
+    i = ws.match(text, text.index("[") + 1).end()
+    line, last = 1, 0
+    while not text.startswith("]", i):
+        line, last = line + text.count("\n", last, i), i
+        obj, i = dec.raw_decode(text, i)
+        yield line, obj, None
+        i = ws.match(text, i).end()
+
+
+def _paths(value, root):
+    if value is None:
+        return []
+    value = [value] if isinstance(value, str) else value
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("images must be a list of paths")
+    return [str(root / v) for v in value]
+
+
+def _our_sample(d, root):
+    """{"images": [...], "question": ..., "choices": [...]?, "answer": "A", "task": ...}"""
+    if not isinstance(d.get("question"), str) or not d["question"].strip():
+        raise ValueError("no question")
+    choices = d.get("choices")
+    if choices is not None and (not isinstance(choices, list) or len(choices) < 2
+                                or not all(isinstance(c, str) for c in choices)):
+        raise ValueError("choices must be a list of at least 2 strings")
+    answer = d.get("answer")
+    return Sample(images=_paths(d.get("images", d.get("image")), root), question=d["question"],
+                  answer=None if answer is None else str(answer), choices=choices or None,
+                  task=str(d.get("task", "")), prompt=d.get("prompt"), id=str(d.get("id", "")))
+
+
+def _llava_sample(d, root):
+    """{"image": "a.jpg" | [...], "conversations": [{"from": "human", "value": "<image>\\n..."},
+    {"from": "gpt", "value": "..."}]}: one question, one answer."""
+    turns = d["conversations"]
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
+        raise ValueError("conversations must be a list of {from, value} turns")
+    if len(turns) > 2:
+        raise ValueError(f"multi-turn conversations are not supported ({len(turns)} turns)")
+    roles = [str(t.get("from", t.get("role", ""))) for t in turns]
+    if roles[0] not in ("human", "user"):
+        raise ValueError(f"first turn is from {roles[0]!r}, expected 'human'")
+    answer = turns[1].get("value") if len(turns) == 2 and roles[1] in ("gpt", "assistant") else None
+    return Sample(images=_paths(d.get("image", d.get("images")), root), question=str(turns[0].get("value", "")),
+                  answer=None if answer is None else str(answer), task=str(d.get("task", "")),
+                  id=str(d.get("id", "")), llava=True)
+
+
+def validate(sample, processor=None, max_len=None):
+    """Every reason this sample can't be trained on, as short strings (empty = good)."""
+    reasons = []
+    answer = normalize_answer(sample.answer) if sample.answer is not None else ""
+    if not answer:
+        reasons.append("no answer")
+    elif sample.choices and answer not in answer_letters(len(sample.choices)):
+        reasons.append(f"answer {sample.answer!r} is not among the choices "
+                       f"({', '.join(answer_letters(len(sample.choices)))})")
+    text = sample.text
+    n_placeholders = text.count(IMAGE_PLACEHOLDER)
+    if (n_placeholders or sample.llava) and n_placeholders != len(sample.images):
+        reasons.append(f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for {len(sample.images)} image(s)")
+    for tok in (processor.reserved if processor else [t for t, _ in QWEN_ADDED_TOKENS]):
+        if tok in text or tok in answer:
+            reasons.append(f"text contains the reserved token {tok}")
+            break
+    for image in sample.images:
+        if isinstance(image, Image.Image):
+            continue
+        if not Path(image).is_file():
+            reasons.append(f"image not found: {image}")
+            continue
+        try:
+            with Image.open(image) as im:
+                im.load()                 # decode fully: truncated files fail here, not mid-training
+                w, h = im.size
+        except Exception as e:            # PIL raises many types for corrupt files
+            reasons.append(f"unreadable image: {image} ({type(e).__name__}: {e})")
+            continue
+        if max(w, h) / min(w, h) > 200:   # smart_resize refuses these
+            reasons.append(f"image aspect ratio over 200: {image} ({w}x{h})")
+    if max_len is not None and processor is not None and not reasons:
+        n = processor.num_tokens(sample)
+        if n > max_len:
+            reasons.append(f"{n} tokens, longer than --max-len {max_len}")
+    return reasons
+
+
+def check_file(path, processor=None, max_len=None, image_root=None):
+    """(good samples, ['file:line: reason', ...], number of records)."""
+    good, problems = [], []
+    entries = read_records(path, image_root)
+    for where, sample, err in entries:
+        reasons = [err] if err else validate(sample, processor, max_len)
+        if reasons:
+            problems.append(f"{where}: {'; '.join(reasons)}")
+        else:
+            good.append(sample)
+    return good, problems, len(entries)
+
+
+def load_dataset(path, skip_bad=False, max_len=None, processor=None, image_root=None):
+    """Records of a .jsonl / .json file as [Sample]. Any bad record raises DataError with the full
+    report, unless skip_bad (then they are left out and counted on stderr)."""
+    if max_len is not None and processor is None:
+        raise ValueError("max_len needs a processor to count tokens")
+    good, problems, total = check_file(path, processor, max_len, image_root)
+    if problems and not skip_bad:
+        raise DataError(problems, total, path)
+    if problems:
+        print(f"{path}: skipped {len(problems)} bad record(s) of {total}", file=sys.stderr)
+    return good
+
+
+def write_jsonl(samples, path):
+    """Our JSONL format; image paths written relative to the file."""
+    path = Path(path)
+    with open(path, "w", encoding="utf-8") as f:
+        for s in samples:
+            d = {"id": s.id, "task": s.task, "images": [os.path.relpath(p, path.parent) for p in s.images],
+                 "question": s.question}
+            if s.choices:
+                d["choices"] = s.choices
+            if s.prompt is not None:
+                d["prompt"] = s.prompt
+            d["answer"] = s.answer
+            f.write(json.dumps(d, ensure_ascii=False) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching: pad-to-longest, or packing several samples into one sequence
+
+def collate(encoded, pad_id, padding_side="right"):
+    """[encode() dicts] -> batch: input_ids/labels/kinds/attention_mask/segment_ids [B, L],
+    pixel_values [sum N, 1176] and image_grid_thw [sum n, 3] concatenated in sample order."""
+    B, L = len(encoded), max(len(e["input_ids"]) for e in encoded)
+    batch = {
+        "input_ids": torch.full((B, L), pad_id, dtype=torch.long),
+        "labels": torch.full((B, L), -100, dtype=torch.long),
+        "kinds": torch.full((B, L), masks.TEXT, dtype=torch.long),
+        "attention_mask": torch.zeros(B, L, dtype=torch.long),
+        "segment_ids": torch.zeros(B, L, dtype=torch.long),     # 1 = the sample, 0 = padding
+    }
+    for i, e in enumerate(encoded):
+        n = len(e["input_ids"])
+        sl = slice(0, n) if padding_side == "right" else slice(L - n, L)  # left: for batched generation
+        batch["input_ids"][i, sl] = e["input_ids"]
+        batch["labels"][i, sl] = e["labels"]
+        batch["kinds"][i, sl] = e["kinds"]
+        batch["attention_mask"][i, sl] = 1
+        batch["segment_ids"][i, sl] = 1
+    batch["pixel_values"] = torch.cat([e["pixel_values"] for e in encoded])
+    batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in encoded])
+    return batch
+
+
+def pack(encoded, max_len, pad_id=0):
+    """Greedy first-fit: each sample goes into the first sequence with room, in the given order.
+    Returns batches shaped like collate()'s with B=1 and L=max_len; segment_ids number the samples
+    1..n (0 = padding) so the model restarts masks and M-RoPE positions per sample (pad_id only
+    fills masked positions). Labels need no care at the seams: every sample starts with an
+    unlabelled <|im_start|>, so no loss ever crosses from one sample into the next."""
+    bins, room = [], []
+    for i, e in enumerate(encoded):
+        n = len(e["input_ids"])
+        if n > max_len:
+            raise ValueError(f"sample {i} has {n} tokens, more than the packing length {max_len}")
+        j = next((j for j, r in enumerate(room) if r >= n), None)
+        if j is None:
+            bins.append([])
+            room.append(max_len)
+            j = len(bins) - 1
+        bins[j].append(i)
+        room[j] -= n
+    batches = []
+    for members in bins:
+        packed = {k: torch.full((1, max_len), fill, dtype=torch.long) for k, fill in
+                  [("input_ids", pad_id), ("labels", -100), ("kinds", masks.TEXT), ("attention_mask", 0),
+                   ("segment_ids", 0)]}
+        pos = 0
+        for seg, i in enumerate(members, start=1):
+            e, n = encoded[i], len(encoded[i]["input_ids"])
+            for k in ("input_ids", "labels", "kinds"):
+                packed[k][0, pos:pos + n] = e[k]
+            packed["attention_mask"][0, pos:pos + n] = 1
+            packed["segment_ids"][0, pos:pos + n] = seg
+            pos += n
+        packed["pixel_values"] = torch.cat([encoded[i]["pixel_values"] for i in members])
+        packed["image_grid_thw"] = torch.cat([encoded[i]["image_grid_thw"] for i in members])
+        batches.append(packed)
+    return batches
+
+
+def packing_efficiency(batches):
+    """Fraction of computed token positions that hold real tokens (1.0 = no padding at all)."""
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    total = sum(b["attention_mask"].numel() for b in batches)
+    return real / max(total, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic vision-centric tasks: the demo's data and the tests' fixtures
+#
+# Built for a tiny, randomly initialised model on a CPU, so the visual signal is coarse and strong
+# (solid colours, one object per 28-px cell = one LM image token):
+#   counting             one 112-px image (16 image tokens): 2-9 white squares; open-ended, chance 1/8
+#   object_localization  one 112-px image (16): a red and a blue box outline, the white square in one
+#   visual_similarity    three 56-px images (4 each): which candidate has the reference's colour
+#   jigsaw               a 112-px picture with its bottom-right quadrant black + two 56-px pieces (24)
+# A task's prompt is the same for every sample, so the answer can only come from the pixels.
+
+COUNT_RANGE = range(2, 10)
+PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+                    (145, 30, 180), (70, 240, 240), (240, 50, 230)], dtype=np.uint8)
+SYNTHETIC_TASKS = {
+    "counting": {"question": "How many squares are in the image? Answer with a number.", "choices": None},
+    "object_localization": {"question": "Which box contains the white square?",
+                            "choices": ["the red box", "the blue box"]},
+    "visual_similarity": {"question": "Which image is more similar to the first image?",
+                          "choices": ["the second image", "the third image"]},
+    "jigsaw": {"question": "The bottom right of the first image is missing. Which image fills it?",
+               "choices": ["the second image", "the third image"]},
+}
+SPLITS = {"train": 0, "val": 1, "test": 2}
+
+
+def _grid(size, rgb):
+    return np.full((size, size, 3), rgb, dtype=np.uint8)
+
+
+def _synth_counting(rng, label, size):
+    """label = count - 2; that many white squares, one per cell, on a dark background."""
+    count, cell = COUNT_RANGE[label], size // 4
+    img, m = _grid(size, (24, 24, 24)), cell // 7
+    for c in rng.choice(16, size=count, replace=False):
+        r, q = divmod(int(c), 4)
+        img[r * cell + m:(r + 1) * cell - m, q * cell + m:(q + 1) * cell - m] = 255
+    return [img], str(count)
+
+
+def _synth_localization(rng, label, size):
+    """A red and a blue box outline on two cells; the white square sits in the red one (A) or the blue (B)."""
+    cell, t = size // 4, max(2, size // 28)
+    img = _grid(size, (40, 40, 40))
+    red, blue = (int(c) for c in rng.choice(16, size=2, replace=False))
+    for c, rgb in ((red, (230, 30, 30)), (blue, (30, 70, 240))):
+        r, q = divmod(c, 4)
+        y, x = r * cell, q * cell
+        img[y:y + cell, x:x + cell] = rgb
+        img[y + t:y + cell - t, x + t:x + cell - t] = (40, 40, 40)
+    r, q = divmod(red if label == 0 else blue, 4)
+    a, b = cell // 4, cell - cell // 4
+    img[r * cell + a:r * cell + b, q * cell + a:q * cell + b] = 255
+    return [img], "AB"[label]
+
+
+def _solid(rng, color, size):
+    """A solid-colour square with a small random brightness shift, so equal is never identical."""
+    shift = int(rng.integers(-12, 13))
+    return np.clip(np.full((size, size, 3), color, np.int16) + shift, 0, 255).astype(np.uint8)
+
+
+def _synth_similarity(rng, label, size):
+    """Reference and two candidates, each one solid colour; the match has the reference's colour."""
+    ref, other = rng.choice(len(PALETTE), size=2, replace=False)
+    small = size // 2
+    match, distractor = _solid(rng, PALETTE[ref], small), _solid(rng, PALETTE[other], small)
+    candidates = [match, distractor] if label == 0 else [distractor, match]
+    return [_solid(rng, PALETTE[ref], small)] + candidates, "AB"[label]
+
+
+def _synth_jigsaw(rng, label, size):
+    """Two colour halves (top/bottom or left/right) with the bottom-right quadrant blacked out;
+    the right piece is the colour of the half running into the hole, the other piece a colour
+    that appears nowhere in the picture."""
+    c0, c1, other = rng.choice(len(PALETTE), size=3, replace=False)
+    h = size // 2
+    puzzle = np.zeros((size, size, 3), np.uint8)
+    puzzle[:] = PALETTE[c0]
+    if rng.integers(2):
+        puzzle[h:] = PALETTE[c1]                  # top / bottom: the hole is in the bottom half
+    else:
+        puzzle[:, h:] = PALETTE[c1]               # left / right: the hole is in the right half
+    puzzle[h:, h:] = 0
+    piece, distractor = _solid(rng, PALETTE[c1], h), _solid(rng, PALETTE[other], h)
+    candidates = [piece, distractor] if label == 0 else [distractor, piece]
+    return [puzzle] + candidates, "AB"[label]
+
+
+SYNTHETIC_MAKERS = {"counting": _synth_counting, "object_localization": _synth_localization,
+                    "visual_similarity": _synth_similarity, "jigsaw": _synth_jigsaw}
+
+
+def make_synthetic(out_dir, n_train=256, n_val=64, n_test=128, seed=42, tasks=tuple(SYNTHETIC_TASKS),
+                   image_size=112):
+    """Write {train,val,test}.jsonl (+ PNGs under images/) with n_* samples PER TASK; returns
+    {split: path}. Deterministic: same seed -> byte-identical files. Labels are balanced (each
+    letter, or each count 2-9, equally often up to one) and shuffled."""
+    if image_size % 112:
+        raise ValueError("image_size must be a multiple of 112, so each of the 4x4 cells is whole 28-px image tokens")
+    out_dir = Path(out_dir)
+    paths = {}
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        (out_dir / "images" / split).mkdir(parents=True, exist_ok=True)
+        samples = []
+        for task in tasks:
+            spec = SYNTHETIC_TASKS[task]
+            # one stream per (seed, task, split): adding a task or resizing a split leaves the others as they were
+            rng = np.random.default_rng([seed, zlib.crc32(task.encode()), SPLITS[split]])
+            n_classes = len(spec["choices"]) if spec["choices"] else len(COUNT_RANGE)
+            labels = rng.permutation(np.arange(n) % n_classes)
+            for i, label in enumerate(labels):
+                images, answer = SYNTHETIC_MAKERS[task](rng, int(label), image_size)
+                files = []
+                for k, img in enumerate(images):
+                    f = out_dir / "images" / split / f"{task}_{i:05d}_{k}.png"
+                    Image.fromarray(img).save(f, format="PNG")
+                    files.append(str(f))
+                samples.append(Sample(images=files, question=spec["question"], answer=answer,
+                                      choices=spec["choices"], task=task, id=f"{task}_{split}_{i:05d}"))
+        order = np.random.default_rng([seed, SPLITS[split]]).permutation(len(samples))
+        paths[split] = write_jsonl([samples[i] for i in order], out_dir / f"{split}.jsonl")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# BLINK, as distributed on the hub (BLINK-Benchmark/BLINK: <Task>/{val,test}-*.parquet)
+
+def convert_blink(sources, out_dir):
+    """Parquet rows (idx, sub_task, image_1..image_4, question, choices, answer '(A)', prompt) ->
+    <out>/<Task>_<split>.jsonl in our format, images under <out>/images/. BLINK's own prompt text
+    is kept (as "prompt" when it differs from format_prompt(question, choices)). Rows with hidden
+    answers (the test split) are skipped and counted. Returns the written paths."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise SystemExit("convert-blink needs pyarrow: pip install pyarrow")
+    files = []
+    for s in ([sources] if isinstance(sources, (str, Path)) else sources):
+        s = Path(s)
+        files += sorted(s.rglob("*.parquet")) if s.is_dir() else [s]
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    by_file, hidden = {}, 0
+    for f in files:
+        for n, row in enumerate(pq.read_table(f).to_pylist()):
+            idx = str(row.get("idx") or f"{f.parent.name}_{f.stem}_{n}")
+            answer = normalize_answer(row.get("answer") or "")
+            if answer.lower() in ("", "hidden"):
+                hidden += 1
+                continue
+            split = f.stem.split("-")[0] if f.stem.split("-")[0] in SPLITS else idx.split("_")[0]
+            task = row.get("sub_task") or f.parent.name
+            images = []
+            for k in range(1, 5):
+                im = row.get(f"image_{k}")
+                if not im:
+                    continue
+                raw = im["bytes"] if isinstance(im, dict) else im       # datasets' Image(): {bytes, path}
+                ext = (Image.open(io.BytesIO(raw)).format or "png").lower().replace("jpeg", "jpg")
+                p = out_dir / "images" / f"{idx}_{k}.{ext}"
+                p.write_bytes(raw)                                      # as distributed: no re-encoding
+                images.append(str(p))
+            choices = list(row.get("choices") or []) or None
+            question, prompt = row.get("question", ""), row.get("prompt")
+            sample = Sample(images=images, question=question, answer=answer, choices=choices, task=task, id=idx,
+                            prompt=prompt if prompt and prompt != format_prompt(question, choices) else None)
+            by_file.setdefault(out_dir / f"{task}_{split}.jsonl", []).append(sample)
+    written = [write_jsonl(samples, path) for path, samples in sorted(by_file.items())]
+    for p in written:
+        print(f"wrote {p} ({len(by_file[p])} records)")
+    if hidden:
+        print(f"skipped {hidden} record(s) with hidden answers (BLINK's test split)")
+    return written
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeing what the model sees
+
+def show(processor, sample, with_answer=True):
+    """The rendered conversation, each token with its kind, and the counts."""
+    enc = processor.encode(sample, with_answer)
+    ids, kinds = enc["input_ids"].tolist(), enc["kinds"].tolist()
+    lines = [f"{sample.where}  task={sample.task!r}  answer={sample.answer!r}", "", "rendered:"]
+    per_image = [int(g.prod()) // processor.image_config.merge_size ** 2 for g in enc["image_grid_thw"]]
+    text, _ = processor.render(sample, with_answer, per_image)
+    text = re.sub(r"(<\|image_pad\|>)+", lambda m: f"<|image_pad|>*{m.group(0).count('<|image_pad|>')}", text)
+    if processor.num_latents > 2:
+        text = text.replace("".join(processor.latent_tokens[1:-1]), "...")
+    lines += [text, "", "tokens (t=text I=image L=latent a=answer):"]
+    i = 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[i] and kinds[j + 1] == kinds[i]:
+            j += 1
+        piece = processor.tokenizer.decode([ids[i]], skip_special_tokens=False)
+        run = f"  x{j - i + 1}" if j > i else ""
+        lines.append(f"{i:5d} {masks.KIND_CHARS[kinds[i]]} {ids[i]:7d} {piece!r}{run}")
+        i = j + 1
+    count = {k: sum(1 for x in kinds if x == v) for k, v in
+             [("text", masks.TEXT), ("image", masks.IMAGE), ("latent", masks.LATENT), ("answer", masks.ANSWER)]}
+    lines += ["", f"{len(ids)} tokens: text {count['text']}, image {count['image']} (per image: {per_image}), "
+              f"latent {count['latent']}, answer {count['answer']} (answer + <|im_end|>)"]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), epilog=__doc__[__doc__.index("Run:"):],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    model_help = "checkpoint dir with tokenizer.json (default: the built-in toy tokenizer)"
+    p = sub.add_parser("check", help="list every bad record as file:line: reason")
+    p.add_argument("file", help=".jsonl (ours / LLaVA per line) or .json (LLaVA list)")
+    p.add_argument("--max-len", type=int, default=None, help="flag records longer than this many tokens")
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--num-latents", type=int, default=16)
+    p.add_argument("--image-root", default=None, help="resolve image paths here instead of next to FILE")
+    p = sub.add_parser("show", help="print one record as the model sees it, token by token")
+    p.add_argument("file")
+    p.add_argument("--index", type=int, default=0, help="0-based record index in file order")
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--num-latents", type=int, default=16)
+    p.add_argument("--image-root", default=None)
+    p.add_argument("--no-answer", action="store_true", help="show the evaluation prompt (ends at assistant\\n)")
+    p = sub.add_parser("convert-blink", help="BLINK parquet files -> our JSONL + images (needs pyarrow)")
+    p.add_argument("sources", nargs="+", help="parquet files or directories holding them")
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("synth", help="write the synthetic tasks (JSONL + PNG)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--n-train", type=int, default=256, help="per task")
+    p.add_argument("--n-val", type=int, default=64, help="per task")
+    p.add_argument("--n-test", type=int, default=128, help="per task")
+    p.add_argument("--tasks", default=",".join(SYNTHETIC_TASKS), help="comma-separated subset of: %(default)s")
+    p.add_argument("--image-size", type=int, default=112, help="side of the main image; multiple of 56")
+    args = ap.parse_args(argv)
+
+    if args.cmd == "check":
+        processor = Processor.from_pretrained(args.model, args.num_latents) if args.model else default_processor(args.num_latents)
+        good, problems, total = check_file(args.file, processor, args.max_len, args.image_root)
+        for line in problems:
+            print(line)
+        print(f"{len(problems)} bad record(s) of {total} in {args.file}" if problems else f"OK: {total} records in {args.file}")
+        return 1 if problems else 0
+    if args.cmd == "show":
+        processor = Processor.from_pretrained(args.model, args.num_latents) if args.model else default_processor(args.num_latents)
+        entries = read_records(args.file, args.image_root)
+        if not 0 <= args.index < len(entries):
+            print(f"--index {args.index} out of range: {args.file} has {len(entries)} records")
+            return 1
+        where, sample, err = entries[args.index]
+        reasons = [err] if err else validate(sample, processor)
+        if reasons:
+            print(f"{where}: {'; '.join(reasons)}")
+            return 1
+        print(show(processor, sample, with_answer=not args.no_answer))
+        return 0
+    if args.cmd == "convert-blink":
+        convert_blink(args.sources, args.out)
+        return 0
+    if args.cmd == "synth":
+        paths = make_synthetic(args.out, args.n_train, args.n_val, args.n_test, args.seed,
+                               [t for t in args.tasks.split(",") if t], args.image_size)
+        for split, path in paths.items():
+            print(f"{split}: {path}")
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
