@@ -44,7 +44,7 @@ import model as qwen
 DEMO_DIR = "runs/demo"
 # The built-in demo learns from scratch on 2 CPU cores in minutes, so it trains the whole
 # (tiny) language model at a higher learning rate; everything else is the paper's recipe.
-DEMO = dict(train="full", lr=2e-3, epochs={1: 2, 2: 2}, batch_size=4, n_train=1200)
+DEMO = dict(train="full", lr=2e-3, epochs={1: 2, 2: 2}, batch_size=4, n_train=600)
 PAPER_EPOCHS = {1: 4, 2: 6}
 
 
