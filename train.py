@@ -137,7 +137,7 @@ def shard_model(m, compute_dtype, device):
 # ----------------------------------------------------------------------------------------------
 # The built-in demo: a tiny base checkpoint and the synthetic tasks, made once
 
-def make_demo_base(path):
+def make_demo_base(path, std=0.02, seed=0):
     """A random tiny Qwen2.5-VL in the hub's layout, with a small tokenizer of its own."""
     tmp = path.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -147,7 +147,7 @@ def make_demo_base(path):
                vision_end_token_id=proc.vision_end_token_id, eos_token_id=proc.im_end_id,
                video_token_id=proc.tokenizer.token_to_id("<|video_pad|>"))
     cfg = qwen.preset("tiny", vocab_size=64 * math.ceil(proc.vocab_size / 64), **ids)
-    qwen.save_pretrained(qwen.init_weights(qwen.Qwen25VL(cfg), seed=0), tmp)
+    qwen.save_pretrained(qwen.init_weights(qwen.Qwen25VL(cfg), std=std, seed=seed), tmp)
     os.replace(tmp, path)
     return path
 

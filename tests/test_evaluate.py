@@ -16,6 +16,7 @@ import evaluate
 import masks
 import model
 import tiny
+import train
 
 K = 4   # latent tokens in the test checkpoints
 
@@ -25,7 +26,7 @@ def ckpts(tmp_path_factory):
     """A random base checkpoint (zero-shot) and a LIVR checkpoint on top of it (K latents, no
     LoRA). std=0.1 so greedy outputs depend visibly on the image."""
     root = tmp_path_factory.mktemp("ckpt")
-    base = tiny.demo_checkpoint(str(root / "base"), std=0.1, seed=0)
+    base = train.make_demo_base(str(root / "base"), std=0.1, seed=0)
     proc = data.Processor.from_pretrained(base, num_latents=K)
     m = model.load_pretrained(base, num_latents=K, latent_token_id=proc.latent_token_id)
     for name, p in m.named_parameters():

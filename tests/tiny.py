@@ -117,19 +117,3 @@ def hf_logits(ref, input_ids, pixel_values=None, image_grid_thw=None, attention_
     with torch.no_grad():
         return ref(**kw).logits
 
-
-def demo_checkpoint(path, std=0.02, seed=0):
-    """A random 'tiny'-preset base checkpoint with the toy tokenizer, laid out as train.py's demo
-    makes runs/demo/base (config.json, model.safetensors, tokenizer files); room for 64 latents.
-    A larger `std` gives a model whose outputs depend visibly on its inputs. Returns path."""
-    import math
-    import data
-    import model
-    data.build_tokenizer(path)
-    proc = data.Processor.from_pretrained(path, num_latents=64)
-    ids = dict(image_token_id=proc.image_token_id, vision_start_token_id=proc.vision_start_token_id,
-               vision_end_token_id=proc.vision_end_token_id, eos_token_id=proc.im_end_id,
-               video_token_id=proc.tokenizer.token_to_id("<|video_pad|>"))
-    cfg = model.preset("tiny", vocab_size=64 * math.ceil(proc.vocab_size / 64), **ids)
-    model.save_pretrained(model.init_weights(model.Qwen25VL(cfg), std=std, seed=seed), path)
-    return path
