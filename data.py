@@ -59,7 +59,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class ImageConfig:
     """The image half of preprocessor_config.json (defaults = Qwen2.5-VL-3B-Instruct's file)."""
     min_pixels: int = 56 * 56                    # 3136
-    max_pixels: int = 28 * 28 * 16384            # 12845056 (the class default 1003520 is NOT what the hub file says)
+    max_pixels: int = 28 * 28 * 16384            # 12845056; the class default 1003520 is not the hub file's
     patch_size: int = 14
     temporal_patch_size: int = 2
     merge_size: int = 2
@@ -85,7 +85,8 @@ class ImageConfig:
         if (path / "preprocessor_config.json").exists():
             return cls.from_dict(json.loads((path / "preprocessor_config.json").read_text()))
         if (path / "processor_config.json").exists():  # transformers 5 may nest it here
-            return cls.from_dict(json.loads((path / "processor_config.json").read_text()).get("image_processor", {}))
+            nested = json.loads((path / "processor_config.json").read_text())
+            return cls.from_dict(nested.get("image_processor", {}))
         return cls()
 
 
@@ -93,7 +94,8 @@ def smart_resize(height, width, factor=28, min_pixels=56 * 56, max_pixels=28 * 2
     """(h, w) rounded to multiples of `factor` with h*w in [min_pixels, max_pixels], aspect kept.
     Same arithmetic as transformers' smart_resize, including its rounding quirks."""
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+        ratio = max(height, width) / min(height, width)
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {ratio}")
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
@@ -176,15 +178,20 @@ LATENT_TOKEN = "<|latent_{}|>"
 # Qwen2.5-VL-Instruct's chat template, verbatim. Only written into tokenizer_config.json so that
 # transformers (the oracle) renders what render_chat() renders; we never run Jinja ourselves.
 QWEN25VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}"
     "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}"
-    "<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 
@@ -240,8 +247,9 @@ def build_tokenizer(out_dir, corpus=None, vocab_size=1000, min_pixels=56 * 56, m
         "merge_size": 2, "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
         "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
     }
-    for name, obj in [("tokenizer_config.json", tokenizer_config), ("preprocessor_config.json", preprocessor_config),
-                      ("chat_template.json", {"chat_template": QWEN25VL_CHAT_TEMPLATE})]:
+    files = {"tokenizer_config.json": tokenizer_config, "preprocessor_config.json": preprocessor_config,
+             "chat_template.json": {"chat_template": QWEN25VL_CHAT_TEMPLATE}}
+    for name, obj in files.items():
         (out_dir / name).write_text(json.dumps(obj, indent=2) + "\n")
     return out_dir
 
@@ -360,7 +368,7 @@ class Processor:
     def from_pretrained(cls, path, num_latents=16, min_pixels=None, max_pixels=None):
         path = Path(path)
         if not (path / "tokenizer.json").exists():
-            raise FileNotFoundError(f"{path / 'tokenizer.json'} not found (expected a Qwen2.5-VL checkpoint directory)")
+            raise FileNotFoundError(f"{path / 'tokenizer.json'} not found: expected a Qwen2.5-VL checkpoint")
         image_config = ImageConfig.from_pretrained(path)
         image_config.min_pixels = min_pixels or image_config.min_pixels
         image_config.max_pixels = max_pixels or image_config.max_pixels
@@ -443,7 +451,8 @@ class Processor:
             "labels": labels,                                                           # [L], -100 = no loss
             "kinds": kinds,                                                             # [L], masks.TEXT/IMAGE/...
             # concatenated in numpy: one big torch op wakes the thread pool, which costs ms on small CPUs
-            "pixel_values": torch.from_numpy(np.concatenate(pixels) if pixels else np.zeros((0, self.patch_dim), np.float32)),
+            "pixel_values": torch.from_numpy(np.concatenate(pixels) if pixels                # [N, 1176]
+                                             else np.zeros((0, self.patch_dim), np.float32)),
             "image_grid_thw": torch.tensor(grids, dtype=torch.long).reshape(-1, 3),       # [n, 3]
         }
 
@@ -465,7 +474,8 @@ def as_sample(record):
         return record
     d = dict(record)
     return Sample(images=list(d.get("images") or []), question=d.get("question", ""), answer=d.get("answer"),
-                  choices=d.get("choices"), task=d.get("task", ""), prompt=d.get("prompt"), id=str(d.get("id", "")))
+                  choices=d.get("choices"), task=d.get("task", ""), prompt=d.get("prompt"),
+                  id=str(d.get("id", "")))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -825,7 +835,7 @@ def make_synthetic(out_dir, n_train=256, n_val=64, n_test=128, seed=42, tasks=tu
     {split: path}. Deterministic: same seed -> byte-identical files. Labels are balanced (each
     letter, or each count 2-9, equally often up to one) and shuffled."""
     if image_size % 112:
-        raise ValueError("image_size must be a multiple of 112, so each of the 4x4 cells is whole 28-px image tokens")
+        raise ValueError("image_size must be a multiple of 112 (4x4 cells of whole 28-px image tokens)")
     out_dir = Path(out_dir)
     paths = {}
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
@@ -936,7 +946,8 @@ def show(processor, sample, with_answer=True):
 # CLI
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), epilog=__doc__[__doc__.index("Run:"):],
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                 epilog=__doc__[__doc__.index("Run:"):],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     model_help = "checkpoint dir with tokenizer.json (default: the built-in toy tokenizer)"
@@ -966,15 +977,17 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=112, help="side of the main image; multiple of 56")
     args = ap.parse_args(argv)
 
+    if args.cmd in ("check", "show"):
+        processor = (Processor.from_pretrained(args.model, args.num_latents) if args.model
+                     else default_processor(args.num_latents))
     if args.cmd == "check":
-        processor = Processor.from_pretrained(args.model, args.num_latents) if args.model else default_processor(args.num_latents)
         good, problems, total = check_file(args.file, processor, args.max_len, args.image_root)
         for line in problems:
             print(line)
-        print(f"{len(problems)} bad record(s) of {total} in {args.file}" if problems else f"OK: {total} records in {args.file}")
+        print(f"{len(problems)} bad record(s) of {total} in {args.file}" if problems
+              else f"OK: {total} records in {args.file}")
         return 1 if problems else 0
     if args.cmd == "show":
-        processor = Processor.from_pretrained(args.model, args.num_latents) if args.model else default_processor(args.num_latents)
         entries = read_records(args.file, args.image_root)
         if not 0 <= args.index < len(entries):
             print(f"--index {args.index} out of range: {args.file} has {len(entries)} records")
