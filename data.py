@@ -725,6 +725,7 @@ def pack(encoded, max_len, pad_id=0):
             pos += n
         packed["pixel_values"] = torch.cat([encoded[i]["pixel_values"] for i in members])
         packed["image_grid_thw"] = torch.cat([encoded[i]["image_grid_thw"] for i in members])
+        packed["samples"] = members             # segment s holds encoded[members[s - 1]]
         batches.append(packed)
     return batches
 
