@@ -139,10 +139,14 @@ def test_bf16_close_to_fp32(models):
     assert cos.min() > 0.99
 
 
-def test_backward_reaches_patch_embed(models):
+def test_gradients_match_transformers(models):
+    # the in-place elementwise ops in vision.py must leave autograd correct
     ref, _ = models
-    ours = make_ours(ref)
+    ref = copy.deepcopy(ref).train()
+    ours = make_ours(ref).train()
     pixel_values, grid_thw = inputs([[1, 10, 14], [1, 2, 2]])
+    ref(pixel_values, grid_thw).pooler_output.square().mean().backward()
     ours(pixel_values, grid_thw).square().mean().backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in ours.parameters())
-    assert ours.patch_embed.proj.weight.grad.abs().sum() > 0
+    ref_grads = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        assert_close(p.grad, ref_grads[name].grad, rel=1e-3)
