@@ -44,7 +44,7 @@ import model as qwen
 DEMO_DIR = "runs/demo"
 # The built-in demo learns from scratch on 2 CPU cores in minutes, so it trains the whole
 # (tiny) language model at a higher learning rate; everything else is the paper's recipe.
-DEMO = dict(train="full", lr=2e-3, epochs={1: 2, 2: 4}, batch_size=4, n_train=800)
+DEMO = dict(train="full", lr=5e-4, epochs={1: 2, 2: 4}, batch_size=4, n_train=800)
 PAPER_EPOCHS = {1: 4, 2: 6}
 
 
@@ -67,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--lora-alpha", type=float, default=32)
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--epochs", type=float, help="default: 4 in stage 1, 6 in stage 2 (paper)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-4; demo 2e-3)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-4; demo 5e-4)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps for linear warm-up")
     p.add_argument("--batch-size", type=int, help="per-device micro-batch (default 1; demo 4)")
