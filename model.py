@@ -130,14 +130,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class MRoPE(nn.Module):
@@ -157,7 +150,10 @@ class MRoPE(nn.Module):
         pos = position_ids[self.axis].permute(1, 2, 0).float()        # (B, L, D/2)
         freqs = pos * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        sin = freqs.sin()
+        # rotate_half(x) * sin == x.roll(D/2) * [-sin, sin]: the sign goes into the table once per
+        # forward instead of into every q and k of every layer
+        return emb.cos().to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
 class KVCache(nn.Module):
@@ -196,8 +192,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, L, hd)
         v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = cos[:, None], sin[:, None]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q = (q * cos).addcmul_(q.roll(self.head_dim // 2, -1), sin)          # q * cos + rotate_half(q) * sin
+        k = (k * cos).addcmul_(k.roll(self.head_dim // 2, -1), sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
         if return_attn:  # the explicit path, for attention maps (evaluate.py)
@@ -208,7 +204,7 @@ class Attention(nn.Module):
             y = att @ v
         else:
             att = None
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and L > 1,
                                                enable_gqa=self.n_heads != self.n_kv_heads)
         y = y.transpose(1, 2).reshape(B, L, -1)
         return self.o_proj(y), att
@@ -419,8 +415,9 @@ class Qwen25VL(nn.Module):
             if masks.MODES[stage] != "causal":
                 key_ok = key_ok & (kinds != masks.IMAGE)
             key_ok = torch.cat([key_ok, torch.ones(B, max_new_tokens, dtype=torch.bool, device=dev)], 1)
+            all_keys = bool(key_ok.all())             # no padding, no blind spot: SDPA needs no mask
             position_ids = self.rope_index(input_ids, image_grid_thw, segment_ids)
-            input_pos = torch.arange(L, device=dev)
+            input_pos = torch.arange(L)               # on the host: KVCache reads it back
             last = torch.zeros(B, L, dtype=torch.bool, device=dev)
             last[:, -1] = True                        # prompts are left-padded: all end at L-1
             logits = self(input_ids, pixel_values, image_grid_thw, mask=prefill_mask,
@@ -439,9 +436,9 @@ class Qwen25VL(nn.Module):
                     break
                 slot = L + i
                 pos = (next_pos + i).view(1, B, 1).expand(3, B, 1)
-                step_mask = key_ok[:, None, None, :slot + 1]                       # (B, 1, 1, slot+1)
+                step_mask = None if all_keys else key_ok[:, None, None, :slot + 1]  # (B, 1, 1, slot+1)
                 logits = self(tok[:, None], mask=step_mask, position_ids=pos,
-                              input_pos=torch.tensor([slot], device=dev))[:, -1]
+                              input_pos=torch.tensor([slot]))[:, -1]
             return torch.stack(out, 1)
         finally:
             self.clear_cache()
