@@ -149,11 +149,10 @@ class MRoPE(nn.Module):
         # position_ids (3, B, L) -> cos, sin (B, L, D)
         pos = position_ids[self.axis].permute(1, 2, 0).float()        # (B, L, D/2)
         freqs = pos * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        sin = freqs.sin()
+        cos, sin = freqs.cos(), freqs.sin()
         # rotate_half(x) * sin == x.roll(D/2) * [-sin, sin]: the sign goes into the table once per
         # forward instead of into every q and k of every layer
-        return emb.cos().to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
+        return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
 class KVCache(nn.Module):
@@ -596,7 +595,8 @@ def save_pretrained(m: Qwen25VL, out_dir, max_shard_bytes=None):
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(m.cfg.to_dict(), f, indent=2)
-    sd = {k: v.detach().contiguous().cpu() for k, v in hub_key_map_state(m).items()}
+    ours = m.state_dict()
+    sd = {ck: ours[k].detach().contiguous().cpu() for ck, k in hub_key_map(m, "hub").items()}
     if not max_shard_bytes:
         save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
         return
@@ -615,11 +615,6 @@ def save_pretrained(m: Qwen25VL, out_dir, max_shard_bytes=None):
         weight_map.update({k: name for k in shard})
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
-
-
-def hub_key_map_state(m: Qwen25VL):
-    sd = m.state_dict()
-    return {ck: sd[ours] for ck, ours in hub_key_map(m, "hub").items()}
 
 
 def init_weights(m: Qwen25VL, std=0.02, seed=0):

@@ -350,7 +350,8 @@ def run(args, rank, world, device, log):
     val_set = [processor.encode(r) for r in val_records]
 
     m = build_model(args, init, base, processor, device)
-    compute_dtype = torch.bfloat16 if (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16" else torch.float32
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    compute_dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     if dist.is_initialized():
         shard_model(m, compute_dtype, device)
     elif compute_dtype != torch.float32:
