@@ -25,6 +25,7 @@ AdamW lr 1e-4 wd 0.01, per-device batch 1 x accumulation = effective batch 8, 5%
 cosine (a fresh schedule per stage), seed 42, loss on answer tokens only.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -102,20 +103,23 @@ def setup_distributed():
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return 0, 1, dev
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":     # before the process group, so NCCL binds each rank to its own GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     if backend == "nccl":
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
+        return rank, world, torch.device("cuda", torch.cuda.current_device())
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     return rank, world, torch.device("cpu")
 
 
 def all_sum(*xs):
-    t = torch.tensor(xs, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
+    """Sum Python numbers over all processes. NCCL reduces only CUDA tensors, gloo CPU ones."""
+    if not dist.is_initialized():
+        return list(map(float, xs))
+    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(xs, dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
     return t.tolist()
 
 
@@ -194,11 +198,10 @@ def validate(m, batches, mask_mode):
         predicts[:, :-1] = labels[:, 1:] != -100
         pred = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"], mask=mask,
                  segment_ids=batch["segment_ids"], logits_at=predicts).argmax(-1)
-        ok = torch.ones(labels.shape[0], dtype=torch.bool)
+        ok = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
         row = predicts.nonzero()[:, 0]
-        wrong = (pred != labels[:, 1:][labels[:, 1:] != -100]).cpu()
-        ok[row[wrong].cpu()] = False
-        correct += float((ok.float() * weight).sum())
+        ok[row[pred != labels[:, 1:][labels[:, 1:] != -100]]] = False
+        correct += float((ok.cpu().float() * weight).sum())
         total += float(weight.sum())
     m.train()
     c, t = all_sum(correct, total)
@@ -275,6 +278,21 @@ def build_model(args, stage_init, base, processor, device):
             p.requires_grad = False         # vision encoder, merger, embedding table (tied head)
     m.grad_checkpointing = args.activation_checkpointing
     return m.to(device)
+
+
+def mixed_precision(m, compute_dtype, device):
+    """One device, as FSDP's MixedPrecisionPolicy does over several: trainable parameters (and
+    so AdamW's state) stay fp32 masters, frozen weights are stored in the compute dtype, and the
+    forward runs in it under autocast. Stepping bf16 weights directly would lose every update
+    smaller than half a bf16 ulp (lr 1e-4 on a weight of 0.02 is one ulp), so late in the
+    cosine schedule training would silently stop. Returns a context-manager factory for the
+    forward passes."""
+    if compute_dtype == torch.float32:
+        return contextlib.nullcontext
+    for p in m.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(compute_dtype)
+    return lambda: torch.autocast(device.type, dtype=compute_dtype)
 
 
 def to_device(batch, device):
@@ -354,8 +372,9 @@ def run(args, rank, world, device, log):
     compute_dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     if dist.is_initialized():
         shard_model(m, compute_dtype, device)
-    elif compute_dtype != torch.float32:
-        m.to(compute_dtype)   # one device: bf16 weights; the optimizer still steps them
+        autocast = contextlib.nullcontext        # FSDP casts the parameters itself
+    else:
+        autocast = mixed_precision(m, compute_dtype, device)
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=args.weight_decay)
@@ -409,7 +428,8 @@ def run(args, rank, world, device, log):
         nonlocal best
         if not val_batches:
             return
-        acc = validate(m, val_batches, mask_mode)
+        with autocast():
+            acc = validate(m, val_batches, mask_mode)
         log(f"step {step} | val accuracy {100 * acc:.1f}%")
         if rank == 0:
             with open(metrics, "a") as f:
@@ -434,7 +454,8 @@ def run(args, rank, world, device, log):
         (n_tokens,) = all_sum(n_local)
         loss_sum = 0.0
         for i, batch in enumerate(micro):
-            ce, _ = compute_loss(m, batch, mask_mode)
+            with autocast():
+                ce, _ = compute_loss(m, batch, mask_mode)
             # FSDP averages gradients over ranks; scale so the step sees the global token mean
             (ce * world / n_tokens).backward()
             loss_sum += ce.item()

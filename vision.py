@@ -120,7 +120,8 @@ def window_layout(grid_thw, cfg):
 def rotary_cos_sin(pos, head_dim, theta):
     """2-D RoPE: the first half of each rotary half turns with the row, the second with the col.
     pos [S, 2] -> cos, sin [S, 1, head_dim] in fp32 (broadcast over the q and k heads)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float) / (head_dim // 2))
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float, device=pos.device)
+                               / (head_dim // 2))
     freqs = (pos[..., None].float() * inv_freq).flatten(1)  # [S, head_dim/2]: rows' freqs, then cols'
     emb = torch.cat([freqs, freqs], dim=-1)                  # rotate_half pairs channel c with c + head_dim/2
     return emb.cos()[:, None], emb.sin()[:, None]
