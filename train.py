@@ -154,6 +154,17 @@ def check_resume(saved, now, path, log):
                 f"applied from the resumed step on")
 
 
+def read_hparams(path):
+    """The hyper-parameters recorded in path/trainer.json (None for a checkpoint without)."""
+    file = os.path.join(path, "trainer.json")
+    if not os.path.exists(file):
+        return None
+    try:
+        return qwen.read_json(file, "trainer state").get("hparams")
+    except qwen.CheckpointError as e:
+        raise RunError(str(e)) from None
+
+
 def apply_hparams(opt, sched, args):
     """After restoring the trainer state: the (possibly new) --lr, --weight-decay on the same
     schedule. The scheduler scales base_lrs by the lambda, so the new peak takes effect at once."""
@@ -540,6 +551,8 @@ def run(args, rank, world, device, log):
             dist.barrier()
         if not qwen.is_complete(os.path.join(stage_dir, "last")):
             raise RunError(f"--resume: no checkpoint at {stage_dir}/last to resume from")
+        saved_hparams = read_hparams(os.path.join(stage_dir, "last"))
+        check_resume(saved_hparams, hparams(args, mask_mode), os.path.join(stage_dir, "last"), log)
 
     # data: every sample encoded once, up front
     torch.manual_seed(args.seed)
@@ -588,7 +601,6 @@ def run(args, rank, world, device, log):
     if args.resume:
         last = os.path.join(stage_dir, "last")
         state = load_trainer_state(last, m, opt, sched, rank, device)
-        check_resume(state.get("hparams"), hparams(args, mask_mode), last, log)
         apply_hparams(opt, sched, args)
         _restore_weights(m, last)
         step, best = state["step"], state["best"]
