@@ -522,7 +522,7 @@ def main(argv=None):
     try:
         check_args(args)
         return run(args)
-    except EvalError as e:
+    except (EvalError, data.DataError, qwen.CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

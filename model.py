@@ -707,7 +707,7 @@ def save_livr(m: Qwen25VL, out_dir, meta, state=None, extra=None):
     meta = {**meta, "tensors": sorted(state)}
     out_dir = out_dir.rstrip("/")
     tmp = out_dir + ".tmp"
-    _rmtree(tmp)
+    remove_checkpoint_dir(tmp)
     os.makedirs(tmp)
     save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()},
               os.path.join(tmp, "weights.safetensors"))
@@ -715,22 +715,26 @@ def save_livr(m: Qwen25VL, out_dir, meta, state=None, extra=None):
         if name.endswith(".safetensors"):
             save_file(obj, os.path.join(tmp, name))
         elif name.endswith(".json"):
-            _write_json(obj, os.path.join(tmp, name))
+            write_json(obj, os.path.join(tmp, name))
         else:
             raise ValueError(f"save_livr: {name}: extra files are .safetensors or .json")
-    _write_json(meta, os.path.join(tmp, "livr.json"))         # last: the completeness marker
+    write_json(meta, os.path.join(tmp, "livr.json"))         # last: the completeness marker
     swap_in(tmp, out_dir)
 
 
-def _write_json(obj, file):
+def write_json(obj, file):
     """Whole or not at all: written beside and renamed, so a reader never sees half a file."""
     with open(file + ".part", "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(file + ".part", file)
 
 
-def _rmtree(path):
+def remove_checkpoint_dir(path):
+    """Remove a checkpoint directory, its completeness marker first: a kill midway leaves an
+    incomplete directory, never one that looks complete with tensors missing."""
     import shutil
+    if os.path.isfile(os.path.join(path, "livr.json")):
+        os.remove(os.path.join(path, "livr.json"))
     shutil.rmtree(path, ignore_errors=True)
     if os.path.lexists(path) and not os.path.isdir(path):
         os.remove(path)
@@ -747,10 +751,10 @@ def swap_in(tmp, out_dir):
     OUT itself is complete), so it can never block the rename."""
     old = out_dir + ".old"
     if os.path.exists(out_dir):
-        _rmtree(old)
+        remove_checkpoint_dir(old)
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
-    _rmtree(old)
+    remove_checkpoint_dir(old)
 
 
 def recover_checkpoint(out_dir):
@@ -762,12 +766,12 @@ def recover_checkpoint(out_dir):
     if not is_complete(out_dir):
         for candidate in (tmp, old):
             if is_complete(candidate):
-                _rmtree(out_dir)
+                remove_checkpoint_dir(out_dir)
                 os.replace(candidate, out_dir)
                 break
     if is_complete(out_dir):
-        _rmtree(tmp)
-        _rmtree(old)
+        remove_checkpoint_dir(tmp)
+        remove_checkpoint_dir(old)
         return True
     return False
 

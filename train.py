@@ -746,9 +746,9 @@ def skip_message(step, loss, grad_norm, saved):
 def copy_checkpoint(src, dst):
     """src's weights and livr.json (no trainer state) to dst, livr.json last, swapped in whole."""
     tmp = dst + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    qwen.remove_checkpoint_dir(tmp)
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("trainer.*", "livr.json*"))
-    shutil.copy2(os.path.join(src, "livr.json"), os.path.join(tmp, "livr.json"))
+    qwen.write_json(qwen.read_json(os.path.join(src, "livr.json")), os.path.join(tmp, "livr.json"))
     qwen.swap_in(tmp, dst)
 
 

@@ -175,6 +175,27 @@ def test_stale_old_and_tmp_never_block_a_save(demo, stage1, tmp_path):
     model.load_livr(out)
 
 
+def test_fsdp_kill_and_resume_reproduces_losses(demo, tmp_path):
+    """Two processes: the trainer state (full optimizer state, each rank's RNG) goes through
+    safetensors + JSON and back into the sharded optimizer; LoRA dropout on."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(port, *extra):
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(port), os.path.join(root, "train.py"), *extra],
+                       check=True, cwd=root, env=env, capture_output=True)
+    common = ["--batch-size", "1", "--save-every", "2"]
+    torchrun(29621, *run_args(demo, tmp_path / "full", *common))
+    torchrun(29622, *run_args(demo, tmp_path / "cut", *common, "--max-steps", "3"))
+    torchrun(29623, *run_args(demo, tmp_path / "cut", *common, "--resume"))
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert len(a) == len(b) == 4
+    assert a == pytest.approx(b, rel=1e-6)
+
+
 def test_recover_after_a_kill_between_the_renames(demo, stage1, tmp_path, capsys):
     run = copy_run(stage1, tmp_path / "run")
     last = str(run / "stage1" / "last")
