@@ -82,11 +82,15 @@ class ImageConfig:
     @classmethod
     def from_pretrained(cls, path):
         path = Path(path)
-        if (path / "preprocessor_config.json").exists():
-            return cls.from_dict(json.loads((path / "preprocessor_config.json").read_text()))
-        if (path / "processor_config.json").exists():  # transformers 5 may nest it here
-            nested = json.loads((path / "processor_config.json").read_text())
-            return cls.from_dict(nested.get("image_processor", {}))
+        for name, part in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+            file = path / name                     # transformers 5 may nest it in the second
+            if not file.exists():
+                continue
+            try:
+                d = json.loads(file.read_text(encoding="utf-8"))
+                return cls.from_dict(d if part is None else d.get(part, {}))
+            except (ValueError, TypeError, AttributeError) as e:
+                raise ValueError(f"{file}: not a valid image processor config ({type(e).__name__}: {e})") from None
         return cls()
 
 
@@ -387,7 +391,11 @@ class Processor:
         image_config = ImageConfig.from_pretrained(path)
         image_config.min_pixels = min_pixels or image_config.min_pixels
         image_config.max_pixels = max_pixels or image_config.max_pixels
-        return cls(Tokenizer.from_file(str(path / "tokenizer.json")), image_config, num_latents)
+        try:
+            tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:                 # the tokenizers library raises a bare Exception
+            raise ValueError(f"{path / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
+        return cls(tokenizer, image_config, num_latents)
 
     def image_tokens(self, width, height):
         """<|image_pad|> count for an image of this size (no pixels touched)."""

@@ -483,3 +483,12 @@ def test_16_bit_images_are_scaled_to_8_bits(tmp_path):
     pv, _ = data.preprocess_image(str(tmp_path / "g16.png"))
     pv8, _ = data.preprocess_image(Image.fromarray(want).convert("RGB"))
     assert torch.equal(pv, pv8)
+
+
+def test_bad_tokenizer_files_are_named(demo, tmp_path, capsys):
+    bad = broken_base(demo, tmp_path, lambda p: (p / "tokenizer.json").write_text("{"))
+    assert data.main(["check", demo["test"], "--model", bad]) == 2
+    assert "tokenizer.json: not a readable tokenizer" in capsys.readouterr().err
+    (tmp_path / "base" / "preprocessor_config.json").write_text("[1")
+    with pytest.raises(ValueError, match="preprocessor_config.json: not a valid"):
+        data.Processor.from_pretrained(bad)
