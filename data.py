@@ -702,8 +702,9 @@ def load_dataset(path, skip_bad=False, max_len=None, processor=None, image_root=
     good, problems, total = check_file(path, processor, max_len, image_root)
     if total == 0:
         raise DataError([], 0, path, f"{path} holds no records")
-    if problems and not good:
-        raise DataError(problems, total, path)      # --skip-bad would leave nothing
+    if problems and not good and skip_bad:
+        raise DataError(problems, total, path, "\n".join(problems) + f"\nall {total} record(s) "
+                        f"of {path} are bad: --skip-bad would leave nothing")
     if problems and not skip_bad:
         raise DataError(problems, total, path)
     if problems:

@@ -779,7 +779,10 @@ def recover_checkpoint(out_dir):
 def required_tensors(m: Qwen25VL, meta):
     """The tensors a LIVR checkpoint must hold: those its livr.json lists, and at least the
     latent rows (K > 0) and every LoRA factor (a LoRA run)."""
-    need = set(meta.get("tensors") or [])
+    listed = meta.get("tensors") or []
+    if not isinstance(listed, list) or not all(isinstance(k, str) for k in listed):
+        raise CheckpointError(f"livr.json: \"tensors\" must be a list of tensor names")
+    need = set(listed)
     if m.num_latents:
         need.add("latent_embeds")
     need |= {k for k, _ in m.named_parameters() if "lora_" in k}
