@@ -274,12 +274,26 @@ class Qwen25VL(nn.Module):
             if latent_token_id is None:
                 raise ValueError("latent tokens need latent_token_id (the id of <|latent_0|>)")
             if latent_token_id + num_latents > self.cfg.text.vocab_size:
-                raise ValueError(f"latent ids {latent_token_id}..{latent_token_id + num_latents - 1} "
-                                 f"do not fit the {self.cfg.text.vocab_size}-row embedding table")
+                self.grow_vocab(latent_token_id + num_latents)     # a base with no spare rows
             table = self.model.embed_tokens.weight
             std = table.float().std().item() if table.device.type != "meta" else 0.02
             init = torch.randn(num_latents, self.cfg.text.hidden_size, device=table.device) * std
             self.latent_embeds = nn.Parameter(init.to(table.dtype))
+
+    def grow_vocab(self, vocab_size):
+        """Grow the embedding table (and an untied head) to `vocab_size` rows, for latent ids past
+        the end of a base table that has no spare rows. The new rows are zeros and stay so: a
+        latent id's embedding is read from latent_embeds, and generate() never emits one."""
+        old = self.model.embed_tokens.weight                                     # (V, d)
+        extra = vocab_size - old.shape[0]
+        grown = lambda w: nn.Parameter(torch.cat([w.detach(), w.new_zeros(extra, w.shape[1])]),
+                                       requires_grad=w.requires_grad)            # (V + extra, d)
+        self.model.embed_tokens.weight = grown(old)
+        self.model.embed_tokens.num_embeddings = vocab_size
+        self.lm_head.weight = (self.model.embed_tokens.weight if self.cfg.text.tie_word_embeddings
+                               else grown(self.lm_head.weight))
+        self.lm_head.out_features = vocab_size
+        self.cfg.text.vocab_size = vocab_size
 
     def embed(self, input_ids, pixel_values, image_grid_thw):
         x = self.model.embed_tokens(input_ids)                                    # (B, L, d)
@@ -671,11 +685,19 @@ def save_livr(m: Qwen25VL, out_dir, meta, state=None, extra=None):
 
 def load_livr(path, dtype=torch.float32, device="cpu", merge=False):
     """A checkpoint from train.py (livr.json + weights.safetensors), or a plain hub checkpoint
-    (zero-shot). Returns (model, meta)."""
+    (zero-shot, or a LIVR model written by export.py). Returns (model, meta)."""
     from safetensors.torch import load_file
     meta_file = os.path.join(path, "livr.json")
     if not os.path.exists(meta_file):
-        return load_pretrained(path, dtype=dtype, device=device), {"base": path, "num_latents": 0}
+        m = load_pretrained(path, dtype=dtype, device=device)
+        with open(os.path.join(resolve(path), "config.json")) as f:
+            exported = json.load(f).get("livr") or {}     # export.py's {num_latents, latent_token_id}
+        if exported.get("num_latents"):
+            k, first = exported["num_latents"], exported["latent_token_id"]
+            m.set_latents(k, first)
+            with torch.no_grad():     # the export wrote the latent rows into the table at their ids
+                m.latent_embeds.copy_(m.model.embed_tokens.weight[first:first + k])
+        return m, {"base": path, **exported, "num_latents": m.num_latents}
     with open(meta_file) as f:
         meta = json.load(f)
     m = load_pretrained(meta["base"], dtype=dtype, device=device,
@@ -696,3 +718,13 @@ def load_livr(path, dtype=torch.float32, device="cpu", merge=False):
     if merge:
         merge_lora(m)
     return m.eval(), meta
+
+
+if __name__ == "__main__":
+    # python model.py export RUN/stage2/final OUT: a plain hub checkpoint of a trained LIVR model,
+    # for transformers, lmms-eval and vLLM (the code is export.py's)
+    import sys
+    if sys.argv[1:2] != ["export"]:
+        sys.exit("usage: python model.py export CHECKPOINT OUT [--max-shard-size 5GB] [--dtype bf16]")
+    import export
+    sys.exit(export.main(sys.argv[2:], prog="model.py export"))
