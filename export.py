@@ -66,8 +66,9 @@ class ExportError(Exception):
 # The model: merged weights, latent rows in the table
 
 def merged_model(checkpoint):
-    """(model with LoRA merged and the latent rows written into its embedding table, meta).
-    Loads in fp32 so the merge W + (alpha/r) B A is exact before any cast."""
+    """(model, livr.json's meta, K, id of <|latent_0|>): the model with LoRA merged and the
+    latent rows written into its embedding table. Loads in fp32 so that the merge
+    W + (alpha/r) B A is exact before any cast."""
     if not os.path.exists(os.path.join(checkpoint, "livr.json")):
         raise ExportError(f"{checkpoint} is not a LIVR checkpoint: it has no livr.json "
                           "(train.py writes RUN_DIR/stageN/final)")

@@ -37,13 +37,13 @@ def make_base(path, spare_rows=True):
     return str(path)
 
 
-def train_run(root, name, base, splits, mode):
+def train_run(root, name, base, splits, mode, latents=K):
     """Stage 1 then stage 2, one epoch each (6 steps), at a learning rate high enough that the
     LoRA factors / LM weights and the latent rows move visibly. Returns RUN/stage2/final."""
     run = str(root / f"run-{name}")
     common = ["--model", base, "--data", str(splits["train"]), "--val", str(splits["val"]),
               "--run-dir", run, "--batch-size", "2", "--global-batch", "4", "--log-every", "100",
-              "--latents", str(K), "--epochs", "1", "--lr", "5e-3", "--train", mode]
+              "--latents", str(latents), "--epochs", "1", "--lr", "5e-3", "--train", mode]
     train.main(["--stage", "1", *common])
     train.main(["--stage", "2", *common])
     return os.path.join(run, "stage2", "final")
@@ -51,16 +51,18 @@ def train_run(root, name, base, splits, mode):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """{name: (checkpoint, export)} for a LoRA run, a full-FT run, and a LoRA run on a base with
-    no spare rows; plus the test records (new to training: the synthetic test split)."""
+    """{name: (checkpoint, export)} for a LoRA run, a full-FT run, a LoRA run on a base with no
+    spare rows and a Direct SFT run (no latents); plus the test records (new to training: the
+    synthetic test split)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)           # tiny matmuls: more threads only wait on each other
     root = tmp_path_factory.mktemp("export")
     splits = data.make_synthetic(str(root / "data"), n_train=6, n_val=2, n_test=3, seed=3)
     spare, tight = make_base(root / "base"), make_base(root / "base-tight", spare_rows=False)
     out = {}
-    for name, base, mode in (("lora", spare, "lora"), ("full", spare, "full"), ("grown", tight, "lora")):
-        ckpt = train_run(root, name, base, splits, mode)
+    for name, base, mode, k in (("lora", spare, "lora", K), ("full", spare, "full", K),
+                                ("grown", tight, "lora", K), ("sft", spare, "lora", 0)):
+        ckpt = train_run(root, name, base, splits, mode, k)
         # small shards, so both loaders must follow the index across several files
         out[name] = (ckpt, export.export(ckpt, str(root / "hub" / name), max_shard_bytes=400_000))
     yield out, str(splits["test"])
@@ -134,18 +136,19 @@ def until_stop(tokens, stops):
 # ----------------------------------------------------------------------------------------------
 # transformers on the export == evaluate.py on the checkpoint
 
-@pytest.mark.parametrize("name", ["lora", "full", "grown"])
+@pytest.mark.parametrize("name", ["lora", "full", "grown", "sft"])
 def test_transformers_generates_what_evaluate_generates(runs, name, no_video_processor, tmp_path):
     (ckpt, out), test_file = runs[0][name], runs[1]
     hf = transformers.AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
     hf_proc = transformers.AutoProcessor.from_pretrained(out)
     m, proc, _ = evaluate.load_checkpoint(ckpt)
-    assert m.num_latents == K and hf.generation_config.suppress_tokens == \
-        list(range(m.latent_token_id, m.latent_token_id + K))
+    k = 0 if name == "sft" else K
+    assert m.num_latents == k and hf.generation_config.suppress_tokens == \
+        (list(range(m.latent_token_id, m.latent_token_id + K)) if k else None)
     recs = records(test_file, tmp_path)
     ours = evaluate.evaluate(m, proc, recs, batch_size=4, max_new_tokens=8)
     stops = {proc.im_end_id, proc.pad_id}
-    latent_ids = slice(m.latent_token_id, m.latent_token_id + K)
+    latent_ids = slice(m.latent_token_id, m.latent_token_id + K) if k else slice(0, 0)
     for r, result in zip(recs, ours):
         enc = proc.encode(r, with_answer=False)
         inputs = hf_inputs(hf_proc, r)
@@ -272,8 +275,14 @@ def digest(path):
             for n in sorted(os.listdir(path))}
 
 
-def test_reexport_is_atomic(runs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("swap", ["exchange", "two renames"])
+def test_reexport_is_atomic(runs, tmp_path, monkeypatch, swap):
+    """A failed re-export leaves the old OUT as it was and no temporary directory; a complete one
+    replaces it whole. Both ways of putting it in place: Linux's one-step exchange, and moving
+    the old one aside first (elsewhere), where a failed second rename puts the old one back."""
     import safetensors.torch
+    if swap == "two renames":
+        monkeypatch.setattr(export.ctypes, "CDLL", lambda *a, **k: (_ for _ in ()).throw(OSError("no libc")))
     ckpt = runs[0]["lora"][0]
     out = str(tmp_path / "hub")
     export.export(ckpt, out)                                         # one file: model.safetensors
@@ -285,19 +294,32 @@ def test_reexport_is_atomic(runs, tmp_path, monkeypatch):
         if len(calls) == 3:
             raise RuntimeError("disk full")
         return save_file(*args, **kwargs)
-    monkeypatch.setattr(safetensors.torch, "save_file", fails_on_third_shard)
-    with pytest.raises(RuntimeError, match="disk full"):
-        export.export(ckpt, out, max_shard_bytes=400_000)
+    with monkeypatch.context() as mp:
+        mp.setattr(safetensors.torch, "save_file", fails_on_third_shard)
+        with pytest.raises(RuntimeError, match="disk full"):
+            export.export(ckpt, out, max_shard_bytes=400_000)
     assert len(calls) == 3                                           # it did fail mid-weights
     assert digest(out) == before and os.listdir(tmp_path) == ["hub"]  # untouched, no temp dir
-    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
 
     # a failure after every file is written (the card) changes nothing either
-    monkeypatch.setattr(export, "model_card", lambda *a: 1 / 0)
-    with pytest.raises(ZeroDivisionError):
-        export.export(ckpt, out, max_shard_bytes=400_000)
+    with monkeypatch.context() as mp:
+        mp.setattr(export, "model_card", lambda *a: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            export.export(ckpt, out, max_shard_bytes=400_000)
     assert digest(out) == before and os.listdir(tmp_path) == ["hub"]
-    monkeypatch.undo()
+
+    if swap == "two renames":       # the old one moved aside, then the new one fails to move in
+        rename = os.rename
+
+        def fails_into_out(src, dst):
+            if dst == out and ".tmp-" in src and not src.endswith(".old"):
+                raise OSError("interrupted")
+            return rename(src, dst)
+        with monkeypatch.context() as mp:
+            mp.setattr(os, "rename", fails_into_out)
+            with pytest.raises(OSError, match="interrupted"):
+                export.export(ckpt, out, max_shard_bytes=400_000)
+        assert digest(out) == before and os.listdir(tmp_path) == ["hub"]
 
     # a complete re-export replaces it whole: the old single file is gone, the shards are in
     export.export(ckpt, out, max_shard_bytes=400_000)
