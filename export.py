@@ -247,7 +247,7 @@ print(processor.decode(model.generate(**inputs, max_new_tokens=32)[0, inputs["in
 # ----------------------------------------------------------------------------------------------
 # Writing it all, atomically
 
-def export(checkpoint, out_dir, max_shard_bytes=5 * 2**30, dtype=None):
+def export(checkpoint, out_dir, max_shard_bytes=5 * 10**9, dtype=None):
     """Write `checkpoint` (a train.py checkpoint directory) to `out_dir` in the hub's layout.
     dtype: torch dtype of the written weights (default: the base checkpoint's). Returns out_dir."""
     out_dir = os.path.normpath(out_dir)
