@@ -338,3 +338,25 @@ def test_refuses_to_replace_what_is_not_an_export(runs, tmp_path, capsys):
     assert (precious / "todo.txt").read_text() == "keep me"
     assert export.main([str(tmp_path), str(tmp_path / "x")]) == 2    # no livr.json
     assert "not a LIVR checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_set_latents_grows_a_table_with_no_spare_rows(tied):
+    """Latent ids past the table's end grow it (and an untied head) by zero rows; the rows
+    already there stay as they were, and generation never emits a latent id."""
+    ids = dict(image_token_id=30, video_token_id=31, vision_start_token_id=32, vision_end_token_id=33,
+               eos_token_id=34)
+    cfg = model.preset("tiny", vocab_size=40, **ids)
+    cfg.text.tie_word_embeddings = tied
+    m = model.init_weights(model.Qwen25VL(cfg)).eval()
+    table, head = m.model.embed_tokens.weight.clone(), m.lm_head.weight.clone()
+    m.set_latents(4, 38)                                    # ids 38..41: two past the 40 rows
+    assert m.cfg.text.vocab_size == 42
+    assert m.model.embed_tokens.weight.shape == m.lm_head.weight.shape == (42, cfg.text.hidden_size)
+    assert torch.equal(m.model.embed_tokens.weight[:40], table)
+    assert torch.equal(m.lm_head.weight[:40], head)
+    assert (m.lm_head.weight is m.model.embed_tokens.weight) == tied
+    prompt = torch.tensor([[1, 2, 3, 38, 39, 40, 41]])
+    assert m(prompt).shape == (1, 7, 42)
+    out = m.generate(prompt, max_new_tokens=6, eos_token_id=34)
+    assert not ((out >= 38) & (out < 42)).any()
