@@ -16,6 +16,8 @@ Mirrors transformers' `Qwen2_5_VLForConditionalGeneration` (the numerical oracle
     import model
     m = model.load_pretrained("Qwen/Qwen2.5-VL-3B-Instruct")        # fp32 on CPU by default
     logits = m(input_ids=ids, pixel_values=pv, image_grid_thw=thw)   # [B, L, vocab]
+
+    python model.py export runs/demo/stage2/final OUT   # a plain hub checkpoint (export.py)
 """
 import json
 import math
