@@ -426,7 +426,8 @@ def _figure(src, caption, small=False):
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32):
     """(model, processor, meta) for a LIVR checkpoint from train.py (LoRA merged for speed) or a
-    plain hub checkpoint (zero-shot, no latents). The tokenizer lives with the base checkpoint."""
+    plain hub checkpoint (zero-shot, no latents; or export.py's, whose config.json names its
+    latents). The tokenizer lives with the base checkpoint."""
     if path == DEMO_CHECKPOINT and not os.path.exists(path):
         raise EvalError(f"no checkpoint at {path}: train the built-in demo first:\n  {TRAIN_DEMO}")
     if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in

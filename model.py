@@ -16,6 +16,8 @@ Mirrors transformers' `Qwen2_5_VLForConditionalGeneration` (the numerical oracle
     import model
     m = model.load_pretrained("Qwen/Qwen2.5-VL-3B-Instruct")        # fp32 on CPU by default
     logits = m(input_ids=ids, pixel_values=pv, image_grid_thw=thw)   # [B, L, vocab]
+
+    python model.py export runs/demo/stage2/final OUT   # a plain hub checkpoint (export.py)
 """
 import json
 import math
@@ -274,12 +276,26 @@ class Qwen25VL(nn.Module):
             if latent_token_id is None:
                 raise ValueError("latent tokens need latent_token_id (the id of <|latent_0|>)")
             if latent_token_id + num_latents > self.cfg.text.vocab_size:
-                raise ValueError(f"latent ids {latent_token_id}..{latent_token_id + num_latents - 1} "
-                                 f"do not fit the {self.cfg.text.vocab_size}-row embedding table")
+                self.grow_vocab(latent_token_id + num_latents)     # a base with no spare rows
             table = self.model.embed_tokens.weight
             std = table.float().std().item() if table.device.type != "meta" else 0.02
             init = torch.randn(num_latents, self.cfg.text.hidden_size, device=table.device) * std
             self.latent_embeds = nn.Parameter(init.to(table.dtype))
+
+    def grow_vocab(self, vocab_size):
+        """Grow the embedding table (and an untied head) to `vocab_size` rows, for latent ids past
+        the end of a base table that has no spare rows. The new rows are zeros and stay so: a
+        latent id's embedding is read from latent_embeds, and generate() never emits one."""
+        old = self.model.embed_tokens.weight                                     # (V, d)
+        extra = vocab_size - old.shape[0]
+        grown = lambda w: nn.Parameter(torch.cat([w.detach(), w.new_zeros(extra, w.shape[1])]),
+                                       requires_grad=w.requires_grad)            # (V + extra, d)
+        self.model.embed_tokens.weight = grown(old)
+        self.model.embed_tokens.num_embeddings = vocab_size
+        self.lm_head.weight = (self.model.embed_tokens.weight if self.cfg.text.tie_word_embeddings
+                               else grown(self.lm_head.weight))
+        self.lm_head.out_features = vocab_size
+        self.cfg.text.vocab_size = vocab_size
 
     def embed(self, input_ids, pixel_values, image_grid_thw):
         x = self.model.embed_tokens(input_ids)                                    # (B, L, d)
@@ -820,11 +836,18 @@ def read_safetensors(file, device="cpu"):
 
 def load_livr(path, dtype=torch.float32, device="cpu", merge=False):
     """A checkpoint from train.py (livr.json + weights.safetensors), or a plain hub checkpoint
-    (zero-shot). Returns (model, meta). Complete or an error: every missing, unknown or
-    mis-shaped tensor is named (CheckpointError)."""
+    (zero-shot, or a LIVR model written by export.py). Returns (model, meta). Complete or an
+    error: every missing, unknown or mis-shaped tensor is named (CheckpointError)."""
     meta_file = os.path.join(path, "livr.json")
     if not os.path.exists(meta_file):
-        return load_pretrained(path, dtype=dtype, device=device), {"base": path, "num_latents": 0}
+        m = load_pretrained(path, dtype=dtype, device=device)
+        exported = read_json(os.path.join(resolve(path), "config.json"), "config").get("livr") or {}
+        if exported.get("num_latents"):
+            k, first = exported["num_latents"], exported["latent_token_id"]
+            m.set_latents(k, first)
+            with torch.no_grad():     # the export wrote the latent rows into the table at their ids
+                m.latent_embeds.copy_(m.model.embed_tokens.weight[first:first + k])
+        return m, {"base": path, **exported, "num_latents": m.num_latents}
     meta = read_json(meta_file, "LIVR checkpoint description")
     missing = [k for k in ("base", "num_latents", "latent_token_id") if k not in meta]
     if missing:
@@ -849,3 +872,13 @@ def load_livr(path, dtype=torch.float32, device="cpu", merge=False):
     if merge:
         merge_lora(m)
     return m.eval(), meta
+
+
+if __name__ == "__main__":
+    # python model.py export RUN/stage2/final OUT: a plain hub checkpoint of a trained LIVR model,
+    # for transformers, lmms-eval and vLLM (the code is export.py's)
+    import sys
+    if sys.argv[1:2] != ["export"]:
+        sys.exit("usage: python model.py export CHECKPOINT OUT [--max-shard-size 5GB] [--dtype bf16]")
+    import export
+    sys.exit(export.main(sys.argv[2:], prog="model.py export"))
