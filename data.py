@@ -870,7 +870,8 @@ class StepBatches:
     def __call__(self, items):
         if self.micro_batch_tokens:
             items = sorted(items, key=lambda e: -len(e["input_ids"]))
-            budget = max(self.micro_batch_tokens, len(items[0]["input_ids"]))
+            # a multiple of 8, so that rounding a sequence up to one never passes the budget
+            budget = max(self.micro_batch_tokens // 8 * 8, len(items[0]["input_ids"]))
             batches = pack(items, budget, self.pad_id, multiple_of=8)
             for b in batches:
                 del b["samples"]         # indices into the sorted list: of no use to anyone
