@@ -80,7 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch-tokens", type=int,
                    help="token budget of a packed micro-batch: a device's samples of a step are "
                         "packed into as few sequences of at most this many tokens as fit, each "
-                        "sample its own segment (default: 16384 on GPU, 1024 on CPU); 0: no "
+                        "sample its own segment (default: 16384 on GPU, 512 on CPU); 0: no "
                         "packing, --batch-size samples per padded micro-batch")
     p.add_argument("--batch-size", type=int,
                    help="with --micro-batch-tokens 0 only: samples per padded micro-batch "
@@ -343,8 +343,12 @@ def run(args, rank, world, device, log):
     args.epochs = args.epochs or PAPER_EPOCHS[args.stage]
     on_gpu = device.type == "cuda"
     if args.micro_batch_tokens is None:
-        args.micro_batch_tokens = 16384 if on_gpu else 1024
+        # a GPU wants few long sequences; on CPU the dense [L, L] attention of a long packed
+        # sequence costs more than the passes it saves (the demo: 512 about as fast as padded
+        # batches of 4, 1024 as slow as one sample at a time)
+        args.micro_batch_tokens = 16384 if on_gpu else 512
     if args.workers is None:
+        # on the 2-core demo machine a worker process only competes with the step for a core
         args.workers = 4 if on_gpu else 0
     mask_mode = args.mask or {1: "bottleneck", 2: "causal"}[args.stage]
     if args.micro_batch_tokens < 0 or args.workers < 0:

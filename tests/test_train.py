@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -265,3 +266,41 @@ def test_fsdp_packed_step_equals_per_sample_accumulation(demo, tmp_path):
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+PEAK_RSS = """
+import sys, train
+try:
+    train.main(sys.argv[1:])
+finally:
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+    print("peak_rss_kb", int(hwm.split()[1]))
+"""
+
+
+def test_host_memory_does_not_grow_with_the_dataset(demo, tmp_path):
+    """The same 4 images (448 px: a 4.8 MB fp32 encoding each) behind 16 and 160 records: the
+    training process's peak resident set is the same, because pixels are decoded per step and
+    never kept (encoding every sample up front would add ~690 MB for the larger set)."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    images = []
+    for k in range(4):
+        images.append(f"img{k}.png")
+        Image.fromarray(rng.integers(0, 256, (448, 448, 3), dtype=np.uint8)).save(tmp_path / images[-1])
+    peaks = []
+    for n in (16, 160):
+        path = tmp_path / f"train{n}.jsonl"
+        path.write_text("".join(json.dumps({"images": [images[i % 4]], "question": "Which?",
+                                            "choices": ["x", "y"], "answer": "AB"[i % 2]}) + "\n"
+                                for i in range(n)))
+        out = subprocess.run([sys.executable, "-c", PEAK_RSS, "--model", demo["base"], "--data", str(path),
+                              "--stage", "1", "--latents", "4", "--max-steps", "2", "--workers", "0",
+                              "--run-dir", str(tmp_path / f"run{n}")],
+                             cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        peaks.append(int(out.stdout.split("peak_rss_kb")[-1]) / 1024)
+    assert peaks[1] - peaks[0] < 80, f"peak RSS {peaks[0]:.0f} MB -> {peaks[1]:.0f} MB for 10x the records"
