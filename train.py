@@ -87,7 +87,7 @@ def parse_args(argv=None):
                         "(default 1; demo 4)")
     p.add_argument("--workers", type=int,
                    help="DataLoader processes per device that decode images and build batches "
-                        "ahead of the step (default: 4 on GPU, 0 on CPU: in-process)")
+                        "ahead of the step (default: up to 4 on GPU, 0 on CPU: in-process)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-len", type=int, default=4096, help="longest sample in tokens")
@@ -348,8 +348,10 @@ def run(args, rank, world, device, log):
         # batches of 4, 1024 as slow as one sample at a time)
         args.micro_batch_tokens = 16384 if on_gpu else 512
     if args.workers is None:
-        # on the 2-core demo machine a worker process only competes with the step for a core
-        args.workers = 4 if on_gpu else 0
+        # a GPU step leaves the host's cores free for decoding; on the 2-core CPU demo machine a
+        # worker process only competes with the step for a core
+        cpus = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        args.workers = min(4, max(1, cpus - 1)) if on_gpu else 0
     mask_mode = args.mask or {1: "bottleneck", 2: "causal"}[args.stage]
     if args.micro_batch_tokens < 0 or args.workers < 0:
         raise RunError("--micro-batch-tokens and --workers must be >= 0")
