@@ -28,6 +28,7 @@ Run:
     python data.py convert-blink path/to/BLINK --out data/blink   # needs pyarrow
 """
 import argparse
+import concurrent.futures
 import hashlib
 import io
 import json
@@ -636,11 +637,20 @@ def _check_image(path):
     return []
 
 
-def check_file(path, processor=None, max_len=None, image_root=None, progress=None):
-    """(good samples, ['file:line: reason', ...], number of records). progress(done, total) is
-    called after each record (see progress_line)."""
-    good, problems, checked_images = [], [], {}
+def check_file(path, processor=None, max_len=None, image_root=None, progress=None, threads=None):
+    """(good samples, ['file:line: reason', ...], number of records). Each distinct image file is
+    decoded once, by `threads` threads (default: up to 8; PIL decodes without holding the GIL).
+    progress(done, total) is called after each image, then after each record (see progress_line)."""
+    good, problems = [], []
     entries = read_records(path, image_root)
+    paths = list(dict.fromkeys(im for _, s, _ in entries if s for im in s.images if not isinstance(im, Image.Image)))
+    threads = threads or min(8, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        checked_images = {}
+        for n, (p, reasons) in enumerate(zip(paths, pool.map(_check_image, paths)), start=1):
+            checked_images[p] = reasons
+            if progress:
+                progress(n, len(paths))
     for n, (where, sample, err) in enumerate(entries, start=1):
         reasons = [err] if err else validate(sample, processor, max_len, checked_images)
         if reasons:
