@@ -910,14 +910,15 @@ def num_targets(batch):
     return int((batch["labels"] != -100).sum())
 
 
-def loader(dataset, batch_sampler, collate_fn, workers=0, pin_memory=False, prefetch=2):
+def loader(dataset, batch_sampler, collate_fn, workers=0, pin_memory=False, ahead=4):
     """A DataLoader over batch_sampler's batches: `workers` processes decode images and build
-    batches ahead of the step, `prefetch` batches each. It draws its worker seeds from a
-    generator of its own, never from the global RNG: training's dropout stream (restored exactly
-    on --resume) must not depend on when loaders are started."""
+    batches ahead of the step, about `ahead` batches in all (each worker at least one): what a
+    step's host memory is multiplied by, whatever the dataset's size. It draws its worker seeds
+    from a generator of its own, never from the global RNG: training's dropout stream (restored
+    exactly on --resume) must not depend on when loaders are started."""
     return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn,
                                        num_workers=workers, pin_memory=pin_memory,
-                                       prefetch_factor=prefetch if workers else None,
+                                       prefetch_factor=max(1, -(-ahead // workers)) if workers else None,
                                        persistent_workers=workers > 0, generator=torch.Generator())
 
 
