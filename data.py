@@ -643,7 +643,8 @@ def check_file(path, processor=None, max_len=None, image_root=None, progress=Non
     progress(done, total) is called after each image, then after each record (see progress_line)."""
     good, problems = [], []
     entries = read_records(path, image_root)
-    paths = list(dict.fromkeys(im for _, s, _ in entries if s for im in s.images if not isinstance(im, Image.Image)))
+    paths = list(dict.fromkeys(im for _, s, _ in entries if s for im in s.images
+                               if not isinstance(im, Image.Image)))
     threads = threads or min(8, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         checked_images = {}
@@ -674,8 +675,8 @@ def progress_line(label, after=3.0, every=1.0, file=None):
             return
         last[0] = now
         eta = (now - t0) / done * (total - done)
-        print(f"\r{label}: {done}/{total}, {now - t0:.0f}s, ETA {eta:.0f}s", end="\n" if done == total else "",
-              file=file or sys.stderr, flush=True)
+        print(f"\r{label}: {done}/{total}, {now - t0:.0f}s, ETA {eta:.0f}s",
+              end="\n" if done == total else "", file=file or sys.stderr, flush=True)
     return progress
 
 
@@ -738,9 +739,9 @@ def collate(encoded, pad_id, padding_side="right"):
 def pack(encoded, max_len, pad_id=0, multiple_of=None):
     """Greedy first-fit: each sample goes into the first sequence with room, in the given order.
     Returns batches shaped like collate()'s with B=1 and L=max_len (with multiple_of: L = the
-    sequence's own tokens rounded up to a multiple of it, no padding to max_len); segment_ids number the samples
-    1..n (0 = padding) so the model restarts masks and M-RoPE positions per sample (pad_id only
-    fills masked positions). Labels need no care at the seams: every sample starts with an
+    sequence's own tokens rounded up to a multiple of it, no padding to max_len); segment_ids
+    number the samples 1..n (0 = padding) so the model restarts masks and M-RoPE positions per
+    sample (pad_id only fills masked positions). Labels need no care at the seams: every sample starts with an
     unlabelled <|im_start|>, so no loss ever crosses from one sample into the next."""
     bins, room = [], []
     for i, e in enumerate(encoded):

@@ -242,7 +242,8 @@ def test_packed_step_gives_the_per_sample_gradient(demo, mask_mode):
             assert err < 1e-5, f"{k}: relative error {err:.2e} with budget {budget}"
 
 
-def test_fsdp_packed_step_equals_per_sample_accumulation(demo, tmp_path):
+@pytest.mark.parametrize("mask_mode", ["bottleneck", "causal"])
+def test_fsdp_packed_step_equals_per_sample_accumulation(demo, tmp_path, mask_mode):
     """2 FSDP processes packing their shares (to micro-batch counts that differ between the
     ranks at some steps, so one must run a weight-0 extra pass or the step deadlocks) train as
     one process with one-sample micro-batches: the same loss and gradient norm at every step."""
@@ -252,8 +253,9 @@ def test_fsdp_packed_step_equals_per_sample_accumulation(demo, tmp_path):
     counts = [[len(pack([ds[i] for i in ids])) for ids in data.StepSampler(len(records), 8, r, 2, 42, 0, 3)]
               for r in range(2)]
     assert counts[0] != counts[1]                # the uneven case is exercised
-    common = ["--model", demo["base"], "--data", demo["train"], "--stage", "1", "--train", "full",
-              "--latents", "4", "--global-batch", "8", "--max-steps", "3", "--log-every", "100"]
+    common = ["--model", demo["base"], "--data", demo["train"], "--stage", "1", "--mask", mask_mode,
+              "--train", "full", "--latents", "4", "--global-batch", "8", "--max-steps", "3",
+              "--log-every", "100"]
     train.main(common + ["--run-dir", str(tmp_path / "one"), "--micro-batch-tokens", "0", "--batch-size", "1"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
