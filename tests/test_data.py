@@ -610,3 +610,15 @@ def test_convert_blink(tmp_path):
     # a prompt that is just BLINK's standard wording is stored as question + choices
     assert data.format_prompt("Is the car beneath the cat?", ["yes", "no"]) == \
         "Is the car beneath the cat?\nSelect from the following choices.\n(A) yes\n(B) no"
+
+
+def test_num_tokens_is_the_encoded_length(ours, tmp_path):
+    """Counted without pixels and with one image pad per image tokenized: still len(encode())."""
+    paths = []
+    for k, (w, h) in enumerate([(640, 480), (57, 300), (1000, 90)]):
+        paths.append(str(tmp_path / f"{k}.png"))
+        random_image(w, h, seed=k).save(paths[-1])
+    for images, question in [(paths, "Which?"), (paths[1:], "<image> and\n<image>: same?"), ([], "Hi?")]:
+        s = data.Sample(images=images, question=question, choices=["x", "y"], answer="B")
+        for with_answer in (True, False):
+            assert ours.num_tokens(s, with_answer) == len(ours.encode(s, with_answer)["input_ids"])
