@@ -125,9 +125,11 @@ def test_fsdp_two_processes_equal_one(demo, tmp_path):
     assert a == pytest.approx(b, rel=1e-4)
 
 
-def test_kill_and_resume_reproduces_losses(demo, tmp_path):
-    """LoRA dropout on, so the resumed run must also restore the RNG exactly."""
-    common = ["--stage", "1", "--epochs", "2", "--latents", "4", "--save-every", "2"]
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_kill_and_resume_reproduces_losses(demo, tmp_path, workers):
+    """LoRA dropout on, so the resumed run must also restore the RNG exactly; with images
+    decoded in worker processes too (a GPU run's default)."""
+    common = ["--stage", "1", "--epochs", "2", "--latents", "4", "--save-every", "2", "--workers", workers]
     train.main(args(demo, tmp_path / "full", *common))
     train.main(args(demo, tmp_path / "cut", *common, "--max-steps", "5"))
     assert len(losses(tmp_path / "cut")) == 5
