@@ -529,6 +529,9 @@ def run(args):
     specs = args.checkpoint or [DEMO_CHECKPOINT]
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
         args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")]
+    workers = args.workers if args.workers is not None else 4 if str(args.device).startswith("cuda") else 0
+    if workers < 0:
+        raise EvalError(f"--workers {workers}: a number of processes, 0 or more")
     records, problems = load_records(args.data, args.image_root, args.limit)
     if args.maps:
         try:
@@ -556,7 +559,6 @@ def run(args):
             if sys.stderr.isatty() or done == n:      # a live counter on a terminal, one line in logs
                 print(f"\r{name}: {done}/{n} samples, {time.time() - t0:.0f}s",
                       end="" if done < n else "\n", file=sys.stderr, flush=True)
-        workers = args.workers if args.workers is not None else 4 if str(args.device).startswith("cuda") else 0
         results = evaluate(m, processor, records, args.batch_size, args.mask, not args.no_latents,
                            args.max_new_tokens, progress, workers)
         attn = None
