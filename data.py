@@ -28,6 +28,7 @@ Run:
     python data.py convert-blink path/to/BLINK --out data/blink   # needs pyarrow
 """
 import argparse
+import concurrent.futures
 import hashlib
 import io
 import json
@@ -37,6 +38,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -446,8 +448,13 @@ class Processor:
         return render_chat(self.user_parts(sample, image_token_counts), answer, self.system_prompt)
 
     def num_tokens(self, sample, with_answer=True):
-        """Sequence length of encode(sample) without decoding any pixels."""
-        return len(self.tokenizer.encode(self.render(sample, with_answer)[0], add_special_tokens=False).ids)
+        """Sequence length of encode(sample) without decoding any pixels (image sizes come from
+        the file headers). <|image_pad|> is an added token, so each one is a token of its own
+        whatever surrounds it: the text is tokenized with one pad per image and the rest counted
+        (a 1080p image is ~2,700 pads; tokenizing them all would cost ms per record)."""
+        counts = [self.image_tokens(*_image_size(im)) for im in sample.images]
+        text, _ = self.render(sample, with_answer, [1] * len(counts))
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids) + sum(counts) - len(counts)
 
     def encode(self, record, with_answer=True):
         """A Sample (or dict) -> input_ids, labels, kinds [L]; pixel_values [N, 1176]; image_grid_thw [n, 3]."""
@@ -642,8 +649,10 @@ def _llava_sample(d, root):
                   id=str(d.get("id", "")), llava=True)
 
 
-def validate(sample, processor=None, max_len=None):
-    """Every reason this sample can't be trained on, as short strings (empty = good)."""
+def validate(sample, processor=None, max_len=None, checked_images=None):
+    """Every reason this sample can't be trained on, as short strings (empty = good).
+    checked_images: a dict {path: reasons} shared across calls, so an image that many records
+    point at is decoded once (check_file passes one)."""
     reasons = []
     answer = normalize_answer(sample.answer) if sample.answer is not None else ""
     if not answer:
@@ -662,18 +671,12 @@ def validate(sample, processor=None, max_len=None):
     for image in sample.images:
         if isinstance(image, Image.Image):
             continue
-        if not Path(image).is_file():
-            reasons.append(f"image not found: {image}")
-            continue
-        try:
-            with Image.open(image) as im:
-                im.load()                 # decode fully: truncated files fail here, not mid-training
-                w, h = im.size
-        except Exception as e:            # PIL raises many types for corrupt files
-            reasons.append(f"unreadable image: {image} ({type(e).__name__}: {e})")
-            continue
-        if max(w, h) / min(w, h) > 200:   # smart_resize refuses these
-            reasons.append(f"image aspect ratio over 200: {image} ({w}x{h})")
+        if checked_images is None:
+            reasons += _check_image(image)
+        else:
+            if image not in checked_images:
+                checked_images[image] = _check_image(image)
+            reasons += checked_images[image]
     if max_len is not None and processor is not None and not reasons:
         n = processor.num_tokens(sample)
         if n > max_len:
@@ -681,25 +684,71 @@ def validate(sample, processor=None, max_len=None):
     return reasons
 
 
-def check_file(path, processor=None, max_len=None, image_root=None):
-    """(good samples, ['file:line: reason', ...], number of records)."""
+def _check_image(path):
+    """Reasons an image file can't be used (empty = good). Decodes it fully: a truncated file
+    fails here, not mid-training."""
+    if not Path(path).is_file():
+        return [f"image not found: {path}"]
+    try:
+        with Image.open(path) as im:
+            im.load()
+            w, h = im.size
+    except Exception as e:                # PIL raises many types for corrupt files
+        return [f"unreadable image: {path} ({type(e).__name__}: {e})"]
+    if max(w, h) / min(w, h) > 200:       # smart_resize refuses these
+        return [f"image aspect ratio over 200: {path} ({w}x{h})"]
+    return []
+
+
+def check_file(path, processor=None, max_len=None, image_root=None, progress=None, threads=None):
+    """(good samples, ['file:line: reason', ...], number of records). Each distinct image file is
+    decoded once, by `threads` threads (default: up to 8; PIL decodes without holding the GIL).
+    progress(done, total) is called after each image, then after each record (see progress_line)."""
     good, problems = [], []
     entries = read_records(path, image_root)
-    for where, sample, err in entries:
-        reasons = [err] if err else validate(sample, processor, max_len)
+    paths = list(dict.fromkeys(im for _, s, _ in entries if s for im in s.images
+                               if not isinstance(im, Image.Image)))
+    threads = threads or min(8, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        checked_images = {}
+        for n, (p, reasons) in enumerate(zip(paths, pool.map(_check_image, paths)), start=1):
+            checked_images[p] = reasons
+            if progress:
+                progress(n, len(paths))
+    for n, (where, sample, err) in enumerate(entries, start=1):
+        reasons = [err] if err else validate(sample, processor, max_len, checked_images)
         if reasons:
             problems.append(f"{where}: {'; '.join(reasons)}")
         else:
             good.append(sample)
+        if progress:
+            progress(n, len(entries))
     return good, problems, len(entries)
 
 
-def load_dataset(path, skip_bad=False, max_len=None, processor=None, image_root=None):
+def progress_line(label, after=3.0, every=1.0, file=None):
+    """A progress(done, total) callable that prints '\\r<label>: done/total, ETA ..' to stderr once
+    the work has taken more than `after` seconds (short jobs print nothing), then at most every
+    `every` seconds, and a last line when done."""
+    t0, last = time.time(), [0.0]
+
+    def progress(done, total):
+        now = time.time()
+        if now - t0 < after or (done < total and now - last[0] < every):
+            return
+        last[0] = now
+        eta = (now - t0) / done * (total - done)
+        print(f"\r{label}: {done}/{total}, {now - t0:.0f}s, ETA {eta:.0f}s",
+              end="\n" if done == total else "", file=file or sys.stderr, flush=True)
+    return progress
+
+
+def load_dataset(path, skip_bad=False, max_len=None, processor=None, image_root=None, progress=None):
     """Records of a .jsonl / .json file as [Sample]. Any bad record raises DataError with the full
     report, unless skip_bad (then they are left out and counted on stderr)."""
     if max_len is not None and processor is None:
         raise ValueError("max_len needs a processor to count tokens")
-    good, problems, total = check_file(path, processor, max_len, image_root)
+    good, problems, total = check_file(path, processor, max_len, image_root, progress)
     if total == 0:
         raise DataError([], 0, path, f"{path} holds no records")
     if problems and not good and skip_bad:
@@ -755,11 +804,12 @@ def collate(encoded, pad_id, padding_side="right"):
     return batch
 
 
-def pack(encoded, max_len, pad_id=0):
+def pack(encoded, max_len, pad_id=0, multiple_of=None):
     """Greedy first-fit: each sample goes into the first sequence with room, in the given order.
-    Returns batches shaped like collate()'s with B=1 and L=max_len; segment_ids number the samples
-    1..n (0 = padding) so the model restarts masks and M-RoPE positions per sample (pad_id only
-    fills masked positions). Labels need no care at the seams: every sample starts with an
+    Returns batches shaped like collate()'s with B=1 and L=max_len (with multiple_of: L = the
+    sequence's own tokens rounded up to a multiple of it, no padding to max_len); segment_ids
+    number the samples 1..n (0 = padding) so the model restarts masks and M-RoPE positions per
+    sample (pad_id only fills masked positions). Labels need no care at the seams: every sample starts with an
     unlabelled <|im_start|>, so no loss ever crosses from one sample into the next."""
     bins, room = [], []
     for i, e in enumerate(encoded):
@@ -774,8 +824,9 @@ def pack(encoded, max_len, pad_id=0):
         bins[j].append(i)
         room[j] -= n
     batches = []
-    for members in bins:
-        packed = {k: torch.full((1, max_len), fill, dtype=torch.long) for k, fill in
+    for members, r in zip(bins, room):
+        L = max_len if multiple_of is None else -(-(max_len - r) // multiple_of) * multiple_of
+        packed = {k: torch.full((1, L), fill, dtype=torch.long) for k, fill in
                   [("input_ids", pad_id), ("labels", -100), ("kinds", masks.TEXT), ("attention_mask", 0),
                    ("segment_ids", 0)]}
         pos = 0
@@ -798,6 +849,146 @@ def packing_efficiency(batches):
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     total = sum(b["attention_mask"].numel() for b in batches)
     return real / max(total, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming: the records stay in memory (they are small), the pixels are decoded when a batch is
+# made, in DataLoader worker processes, so host memory does not grow with the dataset and the
+# first step starts at once. Each rank reads only its own share of every batch.
+#
+#   records --StepSampler--> this rank's record indices for one optimizer step
+#           --EncodedRecords (in a worker)--> encode() dicts
+#           --StepBatches (in the worker)--> the step's micro-batches, packed, ready for the device
+
+class EncodedRecords(torch.utils.data.Dataset):
+    """dataset[j] = processor.encode(records[j % n]) plus "index" (j % n) and "weight": positions
+    past the end (j >= n) repeat a record with weight 0, so evaluation shards can all have the same
+    length (see RankShard). keep_errors: a record that fails to encode comes back as
+    {"index", "weight", "error": "Type: message"} instead of raising, so it costs only itself.
+    transform: applied to each encode() dict (evaluate.py drops the latents with it)."""
+
+    def __init__(self, records, processor, with_answer=True, keep_errors=False, transform=None):
+        self.records, self.processor = records, processor
+        self.with_answer, self.keep_errors, self.transform = with_answer, keep_errors, transform
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, j):
+        i = j % len(self.records)
+        info = {"index": i, "weight": float(j < len(self.records))}
+        try:
+            enc = self.processor.encode(self.records[i], self.with_answer)
+        except Exception as e:           # PIL raises many types for bad files
+            if not self.keep_errors:
+                raise
+            return {**info, "error": f"{type(e).__name__}: {e}"}
+        return {**(self.transform(enc) if self.transform else enc), **info}
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """A batch_sampler: for each optimizer step in [start_step, total_steps), the record indices
+    of this rank's share of that step's global batch. The order is one seeded permutation per
+    epoch (torch.randperm, seed + epoch), so a resumed run reads exactly the samples the
+    uninterrupted one would; rank r takes the r-th of `world` equal slices."""
+
+    def __init__(self, n, global_batch, rank=0, world=1, seed=42, start_step=0, total_steps=None):
+        if global_batch % world:
+            raise ValueError(f"global batch {global_batch} does not split over {world} processes")
+        self.n, self.global_batch, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
+        self.steps_per_epoch = n // global_batch
+        self.start_step = start_step
+        self.total_steps = self.steps_per_epoch if total_steps is None else total_steps
+
+    def __len__(self):
+        return max(0, self.total_steps - self.start_step)
+
+    def __iter__(self):
+        share, order, order_epoch = self.global_batch // self.world, None, None
+        for step in range(self.start_step, self.total_steps):
+            epoch, k = divmod(step, self.steps_per_epoch)
+            if epoch != order_epoch:
+                gen = torch.Generator().manual_seed(self.seed + epoch)
+                order, order_epoch = torch.randperm(self.n, generator=gen), epoch
+            ids = order[k * self.global_batch:(k + 1) * self.global_batch]
+            yield ids[self.rank * share:(self.rank + 1) * share].tolist()
+
+
+class RankShard(torch.utils.data.Sampler):
+    """A batch_sampler for validation: this rank's ceil(n / world) consecutive positions of the
+    dataset in batches of batch_size. The last rank's positions past n repeat records (weight 0
+    in EncodedRecords), so every rank runs the same number of forwards -- FSDP needs that."""
+
+    def __init__(self, n, rank=0, world=1, batch_size=8):
+        self.per_rank = math.ceil(n / world) if n else 0
+        self.first, self.batch_size = rank * self.per_rank, batch_size
+
+    def __len__(self):
+        return math.ceil(self.per_rank / self.batch_size)
+
+    def __iter__(self):
+        for i in range(0, self.per_rank, self.batch_size):
+            yield list(range(self.first + i, self.first + min(i + self.batch_size, self.per_rank)))
+
+
+class StepBatches:
+    """collate_fn: one rank's share of a step (EncodedRecords items) -> the step's micro-batches.
+      micro_batch_tokens > 0: the samples packed, longest first, into as few B=1 sequences of at
+          most that many tokens as first-fit finds, each sample its own segment (so its own mask
+          block and M-RoPE positions), each sequence only as long as its samples (rounded up to a
+          multiple of 8); a sample longer than the budget gets a sequence of its own.
+      micro_batch_tokens == 0: batch_size samples per micro-batch, padded to the longest (collate).
+    Pixels are cast to pixel_dtype here: in bf16 the copy to the device moves half the bytes, and
+    the model casts them to its compute dtype anyway, so the numbers are the same.
+    prepare(batch) -> batch adds what the step needs made ahead of it (model.prepare_batch)."""
+
+    def __init__(self, pad_id, micro_batch_tokens=0, batch_size=1, pixel_dtype=torch.float32, prepare=None):
+        self.pad_id, self.micro_batch_tokens, self.batch_size = pad_id, micro_batch_tokens, batch_size
+        self.pixel_dtype, self.prepare = pixel_dtype, prepare
+
+    def __call__(self, items):
+        if self.micro_batch_tokens:
+            items = sorted(items, key=lambda e: -len(e["input_ids"]))
+            # a multiple of 8, so that rounding a sequence up to one never passes the budget
+            budget = max(self.micro_batch_tokens // 8 * 8, len(items[0]["input_ids"]))
+            batches = pack(items, budget, self.pad_id, multiple_of=8)
+            for b in batches:
+                del b["samples"]         # indices into the sorted list: of no use to anyone
+        else:
+            batches = [collate(items[i:i + self.batch_size], self.pad_id)
+                       for i in range(0, len(items), self.batch_size)]
+        return [self.finish(b) for b in batches]
+
+    def finish(self, batch):
+        batch["pixel_values"] = batch["pixel_values"].to(self.pixel_dtype)
+        return self.prepare(batch) if self.prepare else batch
+
+
+class ValBatches(StepBatches):
+    """collate_fn for RankShard batches: (padded batch, weights [B]) -- weight 0 marks repeats."""
+
+    def __call__(self, items):
+        weights = torch.tensor([e["weight"] for e in items])
+        return self.finish(collate(items, self.pad_id)), weights
+
+
+def num_targets(batch):
+    """Answer tokens the loss is taken over, counted on the host (no device sync)."""
+    if "n_targets" in batch:
+        return int(batch["n_targets"])
+    return int((batch["labels"] != -100).sum())
+
+
+def loader(dataset, batch_sampler, collate_fn, workers=0, pin_memory=False, ahead=4):
+    """A DataLoader over batch_sampler's batches: `workers` processes decode images and build
+    batches ahead of the step, about `ahead` batches in all (each worker at least one): what a
+    step's host memory is multiplied by, whatever the dataset's size. It draws its worker seeds
+    from a generator of its own, never from the global RNG: training's dropout stream (restored
+    exactly on --resume) must not depend on when loaders are started."""
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn,
+                                       num_workers=workers, pin_memory=pin_memory,
+                                       prefetch_factor=max(1, -(-ahead // workers)) if workers else None,
+                                       persistent_workers=workers > 0, generator=torch.Generator())
 
 
 # ----------------------------------------------------------------------------------------------

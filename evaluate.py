@@ -163,37 +163,48 @@ def generate_batch(m, processor, encoded, max_new_tokens, mask="causal"):
 
 
 def evaluate(m, processor, records, batch_size=8, mask="causal", latents=True, max_new_tokens=32,
-             progress=None):
+             progress=None, workers=0):
     """Score every record; returns one dict per record, in order (see sample_result).
     mask: "causal" (inference as in the paper) or "bottleneck" (the stage-1 mask at test time:
     prompt and generated tokens cannot see the image, latents can). latents=False removes the
     latent tokens from the prompt. A record that fails (unreadable image, no answer, an answer
     outside the choices, a control token in its text, a model error) gets `error` set and counts
-    as wrong: the same checks as training (data.validate), reported rather than fatal."""
-    results, encoded = [None] * len(records), []
+    as wrong: the same checks as training (data.validate), reported rather than fatal. Images are
+    decoded batch by batch (in `workers` DataLoader processes; 0 = in this one), so memory does
+    not grow with the number of records."""
+    results, by_length = [None] * len(records), []
     for i, r in enumerate(records):
         try:
             reasons = data.validate(r, processor)
             if reasons:
                 results[i] = sample_result(i, r, error="; ".join(reasons))
                 continue
-            enc = processor.encode(r, with_answer=False)
-            encoded.append((i, enc if latents else drop_latents(enc)))
+            # lengths from the text and the image headers only: no pixels kept here
+            by_length.append((processor.num_tokens(r, with_answer=False), i))
         except Exception as e:           # PIL raises many types for bad files
             results[i] = sample_result(i, r, error=f"{type(e).__name__}: {e}")
-    # similar lengths together: less padding per batch
-    encoded.sort(key=lambda x: len(x[1]["input_ids"]))
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
-        texts = _attempt(lambda: generate_batch(m, processor, [e for _, e in chunk], max_new_tokens, mask))
+    order = [i for _, i in sorted(by_length)]     # similar lengths together: less padding per batch
+    batches = data.loader(data.EncodedRecords(records, processor, with_answer=False, keep_errors=True,
+                                              transform=None if latents else drop_latents),
+                          [order[s:s + batch_size] for s in range(0, len(order), batch_size)],
+                          collate_fn=list, workers=workers)
+    done = 0
+    for items in batches:
+        for e in items:
+            if "error" in e:
+                results[e["index"]] = sample_result(e["index"], records[e["index"]], error=e["error"])
+        chunk = [e for e in items if "error" not in e]
+        texts = _attempt(lambda: generate_batch(m, processor, chunk, max_new_tokens, mask)) if chunk else []
         if isinstance(texts, Exception):  # find the culprit: the rest of the batch still counts
             texts = [texts] if len(chunk) == 1 else [
-                _attempt(lambda: generate_batch(m, processor, [e], max_new_tokens, mask)[0]) for _, e in chunk]
-        for (i, _), t in zip(chunk, texts):
+                _attempt(lambda: generate_batch(m, processor, [e], max_new_tokens, mask)[0]) for e in chunk]
+        for e, t in zip(chunk, texts):
+            i = e["index"]
             results[i] = (sample_result(i, records[i], error=f"{type(t).__name__}: {t}")
                           if isinstance(t, Exception) else sample_result(i, records[i], output=t))
+        done += len(items)
         if progress:
-            progress(start + len(chunk), len(encoded))
+            progress(done, len(order))
     return results
 
 
@@ -488,6 +499,8 @@ def parse_args(argv=None):
                         "(default: %(default)s)")
     p.add_argument("--no-latents", action="store_true", help="drop the latent tokens from the prompt")
     p.add_argument("--batch-size", type=int, default=8, help="(default: %(default)s)")
+    p.add_argument("--workers", type=int, help="DataLoader processes that decode images ahead of "
+                                               "the model (default: 4 on GPU, 0 on CPU: in-process)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="(default: %(default)s)")
     p.add_argument("--limit", type=int, help="only the first N records")
     p.add_argument("--attention-samples", type=int, default=64,
@@ -532,6 +545,9 @@ def run(args):
     specs = args.checkpoint or [DEMO_CHECKPOINT]
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
         args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")]
+    workers = args.workers if args.workers is not None else 4 if str(args.device).startswith("cuda") else 0
+    if workers < 0:
+        raise EvalError(f"--workers {workers}: a number of processes, 0 or more")
     records, problems = load_records(args.data, args.image_root, args.limit)
     if args.maps:
         try:
@@ -560,7 +576,7 @@ def run(args):
                 print(f"\r{name}: {done}/{n} samples, {time.time() - t0:.0f}s",
                       end="" if done < n else "\n", file=sys.stderr, flush=True)
         results = evaluate(m, processor, records, args.batch_size, args.mask, not args.no_latents,
-                           args.max_new_tokens, progress)
+                           args.max_new_tokens, progress, workers)
         attn = None
         if args.attention_samples and m.num_latents and not args.no_latents:
             attn = answer_latent_attention(m, processor, records, args.mask, args.attention_samples)

@@ -21,11 +21,15 @@ comparisons come from the same loop:
     latents only    --stage 1 --mask causal
     mask only       --latents 0 --mask answer_only
 Defaults are the paper's recipe: LoRA r16/a32/p0.05 on q,k,v,o,gate,up,down + the latent rows,
-AdamW lr 1e-4 wd 0.01, per-device batch 1 x accumulation = effective batch 8, 5% warm-up then
-cosine (a fresh schedule per stage), seed 42, loss on answer tokens only.
+AdamW lr 1e-4 wd 0.01, effective batch 8, 5% warm-up then cosine (a fresh schedule per stage),
+seed 42, loss on answer tokens only (their summed cross-entropy over the global batch divided by
+their count). The paper's per-device batch 1 with accumulation is --micro-batch-tokens 0; by
+default each device packs its share of a step into few long sequences, one segment per sample,
+which gives the same gradient in fewer, larger passes.
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -71,9 +75,20 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, help="peak learning rate (default 1e-4; demo 5e-4)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps for linear warm-up")
-    p.add_argument("--batch-size", type=int, help="per-device micro-batch (default 1; demo 4)")
     p.add_argument("--global-batch", type=int, default=8,
-                   help="samples per optimizer step over all devices (accumulation fills the rest)")
+                   help="samples per optimizer step over all devices; each device packs its share "
+                        "into micro-batches and accumulates their gradients")
+    p.add_argument("--micro-batch-tokens", type=int,
+                   help="token budget of a packed micro-batch: a device's samples of a step are "
+                        "packed into as few sequences of at most this many tokens as fit, each "
+                        "sample its own segment (default: 16384 on GPU, 512 on CPU); 0: no "
+                        "packing, --batch-size samples per padded micro-batch")
+    p.add_argument("--batch-size", type=int,
+                   help="with --micro-batch-tokens 0 only: samples per padded micro-batch "
+                        "(default 1; demo 4)")
+    p.add_argument("--workers", type=int,
+                   help="DataLoader processes per device that decode images and build batches "
+                        "ahead of the step (default: up to 4 on GPU, 0 on CPU: in-process)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--max-len", type=int, default=4096, help="longest sample in tokens")
@@ -498,8 +513,11 @@ def mixed_precision(m, compute_dtype, device):
 
 
 def to_device(batch, device):
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
-            for k, v in batch.items()}
+    """A batch made on the host -> the same dict on `device`: tensors copied without waiting
+    (from pinned memory the copy overlaps compute), objects with a .to (vision.Layout) moved,
+    Python ints and lists left as they are."""
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else
+                v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
 
 
 def fmt_time(s):
@@ -545,11 +563,26 @@ def run(args, rank, world, device, log):
                        ("epochs", PAPER_EPOCHS[args.stage])):
         if getattr(args, k) is None:
             setattr(args, k, default)
+    on_gpu = device.type == "cuda"
+    if args.micro_batch_tokens is None:
+        # a GPU wants few long sequences; on CPU the dense [L, L] attention of a long packed
+        # sequence costs more than the passes it saves (the demo: 512 about as fast as padded
+        # batches of 4, 1024 as slow as one sample at a time)
+        args.micro_batch_tokens = 16384 if on_gpu else 512
+    if args.workers is None:
+        # a GPU step leaves the host's cores free for decoding; on the 2-core CPU demo machine a
+        # worker process only competes with the step for a core
+        cpus = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        args.workers = min(4, max(1, cpus - 1)) if on_gpu else 0
     mask_mode = args.mask or {1: "bottleneck", 2: "causal"}[args.stage]
-    if args.global_batch % (args.batch_size * world):
+    if args.micro_batch_tokens < 0 or args.workers < 0:
+        raise RunError("--micro-batch-tokens and --workers must be >= 0")
+    if args.global_batch % world:
+        raise RunError(f"--global-batch {args.global_batch} is not a multiple of the "
+                       f"{world} processes")
+    if not args.micro_batch_tokens and args.global_batch % (args.batch_size * world):
         raise RunError(f"--global-batch {args.global_batch} is not a multiple of "
                        f"--batch-size {args.batch_size} x {world} processes")
-    accum = args.global_batch // (args.batch_size * world)
     stage_dir = os.path.join(args.run_dir, f"stage{args.stage}")
     init = None
     if args.stage == 2:
@@ -572,7 +605,8 @@ def run(args, rank, world, device, log):
         saved_hparams = read_hparams(os.path.join(stage_dir, "last"))
         check_resume(saved_hparams, hparams(args, mask_mode), os.path.join(stage_dir, "last"), log)
 
-    # data: every sample encoded once, up front
+    # data: the records are read and checked up front (they are small); images are decoded
+    # lazily, batch by batch (data.py, "Streaming")
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     try:
@@ -581,12 +615,11 @@ def run(args, rank, world, device, log):
         raise
     except Exception as e:          # tokenizers' and json's own error types
         raise RunError(f"cannot read the tokenizer in {base}: {type(e).__name__}: {e}") from None
-    train_records = data.load_dataset(args.data, skip_bad=args.skip_bad, max_len=args.max_len,
-                                      processor=processor)
-    val_records = data.load_dataset(args.val, skip_bad=args.skip_bad, max_len=args.max_len,
-                                    processor=processor) if args.val else []
-    train_set = [processor.encode(r) for r in train_records]
-    val_set = [processor.encode(r) for r in val_records]
+    check = lambda path: data.load_dataset(
+        path, skip_bad=args.skip_bad, max_len=args.max_len, processor=processor,
+        progress=data.progress_line(f"checking {path}") if rank == 0 else None)
+    train_records = check(args.data)
+    val_records = check(args.val) if args.val else []
 
     m = build_model(args, init, base, processor, device)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
@@ -599,10 +632,11 @@ def run(args, rank, world, device, log):
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=args.weight_decay)
-    steps_per_epoch = len(train_set) // args.global_batch
+    steps_per_epoch = len(train_records) // args.global_batch
     if steps_per_epoch == 0:
-        raise RunError(f"{args.data} has {len(train_set)} usable record(s), fewer than one optimizer "
-                       f"step's --global-batch {args.global_batch}: add data or lower --global-batch")
+        raise RunError(f"{args.data} has {len(train_records)} usable record(s), fewer than one "
+                       f"optimizer step's --global-batch {args.global_batch}: add data or lower "
+                       "--global-batch")
     total_steps = max(1, int(steps_per_epoch * args.epochs))
     warmup = max(1, int(args.warmup * total_steps))
 
@@ -634,17 +668,28 @@ def run(args, rank, world, device, log):
         os.makedirs(stage_dir, exist_ok=True)
         open(os.path.join(stage_dir, "metrics.jsonl"), "w").close()
 
-    # validation batches: the same count on every rank, padded with weight-0 repeats
-    per_rank = math.ceil(len(val_set) / world) if val_set else 0
-    mine = [val_set[(rank * per_rank + i) % len(val_set)] for i in range(per_rank)]
-    weights = [float(rank * per_rank + i < len(val_set)) for i in range(per_rank)]
-    val_batches = [(to_device(data.collate(mine[i:i + 8], processor.pad_id), device),
-                    torch.tensor(weights[i:i + 8])) for i in range(0, per_rank, 8)]
+    # the input pipeline: this rank's share of each step from `step` on, packed into micro-
+    # batches in worker processes; validation in batches of 8, the same count on every rank
+    # model.prepare_batch (where the model has one) makes the step's positions, layouts and
+    # targets with the batch, in the workers, so the step itself never waits on the host
+    prepare = functools.partial(qwen.prepare_batch, cfg=m.cfg) if hasattr(qwen, "prepare_batch") else None
+    pixel_dtype = compute_dtype      # bf16 pixels on a GPU: half the bytes to copy, same numbers
+    train_batches = data.loader(
+        data.EncodedRecords(train_records, processor),
+        data.StepSampler(len(train_records), args.global_batch, rank, world, args.seed, step, total_steps),
+        data.StepBatches(processor.pad_id, args.micro_batch_tokens, args.batch_size, pixel_dtype, prepare),
+        args.workers, pin_memory=on_gpu)
+    val_batches = data.loader(
+        data.EncodedRecords(val_records, processor), data.RankShard(len(val_records), rank, world, 8),
+        data.ValBatches(processor.pad_id, pixel_dtype=pixel_dtype, prepare=prepare),
+        args.workers, pin_memory=on_gpu) if val_records else None
 
     n_params = sum(p.numel() for p in params)
+    packing = (f"packed into micro-batches of <= {args.micro_batch_tokens} tokens" if args.micro_batch_tokens
+               else f"micro-batches of {args.batch_size}")
     log(f"stage {args.stage} | mask {mask_mode} | K={args.latents} | train {args.train} "
-        f"({n_params / 1e6:.2f}M trainable) | {len(train_set)} samples | {total_steps} steps of "
-        f"{args.global_batch} | {world} x {device.type} | lr {args.lr:g}")
+        f"({n_params / 1e6:.2f}M trainable) | {len(train_records)} samples | {total_steps} steps of "
+        f"{args.global_batch}, {packing} | {world} x {device.type} | lr {args.lr:g}")
     metrics = os.path.join(stage_dir, "metrics.jsonl")
 
     # checkpoints this run can name as finite (none is ever saved otherwise), newest last
@@ -660,10 +705,10 @@ def run(args, rank, world, device, log):
 
     def evaluate_and_keep_best():
         nonlocal best
-        if not val_batches:
+        if val_batches is None:
             return
         with autocast():
-            acc = validate(m, val_batches, mask_mode)
+            acc = validate(m, ((to_device(b, device), w) for b, w in val_batches), mask_mode)
         log(f"step {step} | val accuracy {100 * acc:.1f}%")
         if rank == 0:
             with open(metrics, "a") as f:
@@ -675,27 +720,26 @@ def run(args, rank, world, device, log):
     m.train()
     t0, tokens_seen, start_step = time.time(), 0, step
     bad_steps = 0                    # consecutive non-finite steps
+    steps = iter(train_batches)      # the global batch of each step: a seeded permutation per epoch
     while step < total_steps:
-        # the global batch for this step: a seeded permutation per epoch, so a resumed run sees
-        # exactly the samples the uninterrupted one would
-        epoch, k = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed + epoch))
-        ids = order[k * args.global_batch:(k + 1) * args.global_batch].tolist()
-        ids = ids[rank * args.batch_size * accum:(rank + 1) * args.batch_size * accum]
-        micro = [to_device(data.collate([train_set[i] for i in ids[j:j + args.batch_size]],
-                                        processor.pad_id), device)
-                 for j in range(0, len(ids), args.batch_size)]
-        n_local = sum(int((b["labels"] != -100).sum()) for b in micro)
-        (n_tokens,) = all_sum(n_local)
+        micro = next(steps)          # this rank's share of the step, as micro-batches on the host
+        # one collective per step: the global answer-token count, and every rank's micro-batch
+        # count -- FSDP needs all ranks to run the same number of forward/backward passes, so a
+        # rank with fewer repeats its smallest micro-batch with weight 0
+        n_tokens, *counts = all_sum(sum(data.num_targets(b) for b in micro),
+                                    *[len(micro) if r == rank else 0 for r in range(world)])
+        weights = [1.0] * len(micro) + [0.0] * (int(max(counts)) - len(micro))
+        micro += [min(micro, key=lambda b: b["input_ids"].numel())] * (len(weights) - len(micro))
+        micro = [to_device(b, device) for b in micro]
         loss_sum = 0.0
-        for i, batch in enumerate(micro):
+        for batch, weight in zip(micro, weights):
             with autocast():
                 ce, _ = compute_loss(m, batch, mask_mode)
             # FSDP averages gradients over ranks; scale so the step sees the global token mean
-            (ce * world / n_tokens).backward()
-            loss_sum += ce.item()
-            tokens_seen += int(batch["input_ids"].numel())
-        (loss_total,) = all_sum(loss_sum)
+            (ce * (weight * world / n_tokens)).backward()
+            loss_sum += weight * ce.detach()
+            tokens_seen += int(weight) * batch["input_ids"].numel()
+        (loss_total,) = all_sum(float(loss_sum))
         loss = loss_total / n_tokens
         grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(params, args.clip))
         lr = sched.get_last_lr()[0]
@@ -734,14 +778,14 @@ def run(args, rank, world, device, log):
                 checkpoint("last")
             log(f"stopping after --max-steps {args.max_steps}; --resume continues from step {step}")
             return
-    if val_batches and best < 0:
+    if val_records and best < 0:
         evaluate_and_keep_best()
     # final = the best validation checkpoint (the paper reports that one), else the last
     if rank == 0:
-        src = os.path.join(stage_dir, "best" if val_batches else "last")
+        src = os.path.join(stage_dir, "best" if val_records else "last")
         copy_checkpoint(src, os.path.join(stage_dir, "final"))
     log(f"stage {args.stage} done: {stage_dir}/final" +
-        (f" (best val accuracy {100 * best:.1f}%)" if val_batches else ""))
+        (f" (best val accuracy {100 * best:.1f}%)" if val_records else ""))
 
 
 MAX_BAD_STEPS = 3

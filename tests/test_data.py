@@ -475,6 +475,100 @@ def test_pack_is_first_fit():
     assert [b["segment_ids"][0].tolist() for b in batches] == [[1] * 6 + [2] * 4, [1] * 5 + [2] * 3 + [0] * 2]
 
 
+# ---------------------------------------------------------------------------- streaming
+
+def test_step_sampler_reads_each_ranks_share_of_the_seeded_order():
+    """Per step: the ranks' shares are disjoint and make up the global batch of the seeded
+    per-epoch permutation; starting at step k (a resumed run) replays the same samples."""
+    n, G = 23, 6
+    full = [list(data.StepSampler(n, G, r, 3, seed=7, total_steps=8)) for r in range(3)]
+    assert all(len(f) == 8 for f in full) and len(data.StepSampler(n, G, 0, 3, 7, 5, 8)) == 3
+    for step in range(8):
+        epoch, k = divmod(step, n // G)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(7 + epoch))
+        assert sum((f[step] for f in full), []) == order[k * G:(k + 1) * G].tolist()
+    assert list(data.StepSampler(n, G, 1, 3, seed=7, start_step=5, total_steps=8)) == full[1][5:]
+    with pytest.raises(ValueError, match="does not split over 4"):
+        data.StepSampler(n, G, 0, 4)
+
+
+def test_rank_shards_cover_the_set_once_with_weight_0_repeats(ours, synth):
+    records = data.load_dataset(synth["val"])[:7]
+    ds, seen = data.EncodedRecords(records, ours), []
+    for rank in range(3):
+        batches = [data.ValBatches(ours.pad_id)([ds[j] for j in ids]) for ids in data.RankShard(7, rank, 3, 2)]
+        assert len(batches) == 2                 # ceil(ceil(7 / 3) / 2) on every rank
+        for ids, (b, w) in zip(data.RankShard(7, rank, 3, 2), batches):
+            assert b["input_ids"].shape[0] == len(ids) == len(w)
+            seen += [(j % 7, float(x)) for j, x in zip(ids, w)]
+    assert sorted(i for i, w in seen if w == 1) == list(range(7))
+    assert len([w for _, w in seen if w == 0]) == 3 * 3 - 7
+
+
+def test_step_batches_pack_without_padding_to_the_budget(encoded, ours):
+    """Packed micro-batches: every sample once, intact, each its own segment; a sequence is as
+    long as its samples rounded up to a multiple of 8, never padded to the budget nor over it;
+    a sample longer than the budget gets a sequence of its own. Budget 0: padded batches."""
+    lengths = sorted(len(e["input_ids"]) for e in encoded)
+    budget = lengths[-1] + lengths[0] + 8
+    micro = data.StepBatches(ours.pad_id, budget, pixel_dtype=torch.bfloat16)(encoded)
+    assert 1 < len(micro) < len(encoded)
+    got = []
+    for b in micro:
+        L, seg = b["input_ids"].shape[1], b["segment_ids"][0]
+        real = int((seg > 0).sum())
+        assert L % 8 == 0 and real <= L < real + 8 and L <= budget
+        got += [len(b["input_ids"][0, seg == s]) for s in range(1, int(seg.max()) + 1)]
+        assert b["pixel_values"].dtype == torch.bfloat16
+    assert sorted(got) == lengths
+    assert sum(data.num_targets(b) for b in micro) == sum(int((e["labels"] != -100).sum()) for e in encoded)
+    alone = data.StepBatches(ours.pad_id, 16)(encoded)           # every sample over the budget
+    assert [b["input_ids"].shape[1] for b in alone] == [-(-n // 8) * 8 for n in reversed(lengths)]
+    padded = data.StepBatches(ours.pad_id, 0, batch_size=4)(encoded)
+    assert [b["input_ids"].shape[0] for b in padded] == [4, 2]
+    assert torch.equal(padded[0]["pixel_values"], torch.cat([e["pixel_values"] for e in encoded[:4]]))
+    marked = data.StepBatches(ours.pad_id, 0, prepare=lambda b: {**b, "n_targets": 5})(encoded)
+    assert all(b["n_targets"] == 5 and data.num_targets(b) == 5 for b in marked)
+
+
+def test_loader_leaves_the_global_rng_alone(encoded, ours, synth):
+    """Starting a DataLoader must not draw from torch's global RNG: dropout replays exactly
+    after --resume only if the stream is where the checkpoint left it."""
+    records = data.load_dataset(synth["val"])[:4]
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    loader = data.loader(data.EncodedRecords(records, ours), [[0, 1], [2, 3]], data.StepBatches(ours.pad_id, 512))
+    assert len(list(loader)) == 2
+    assert torch.equal(torch.rand(3), want)
+
+
+def test_progress_line_only_for_slow_work(monkeypatch, capsys):
+    clock = iter([100.0, 100.5, 101.0, 105.0, 105.2, 106.5, 107.0])
+    monkeypatch.setattr(data.time, "time", lambda: next(clock))
+    p = data.progress_line("checking x.jsonl")          # starts at t=100
+    p(1, 10)                                             # 0.5 s in: quiet
+    p(2, 10)                                             # 1 s: quiet
+    p(5, 10)                                             # 5 s: shown, ETA 5 s
+    p(6, 10)                                             # 0.2 s after the last line: quiet
+    p(8, 10)                                             # shown
+    p(10, 10)                                            # done: shown, with a newline
+    err = capsys.readouterr().err
+    assert err == ("\rchecking x.jsonl: 5/10, 5s, ETA 5s\rchecking x.jsonl: 8/10, 6s, ETA 2s"
+                   "\rchecking x.jsonl: 10/10, 7s, ETA 0s\n")
+
+
+def test_check_file_decodes_a_shared_image_once(tmp_path, monkeypatch):
+    random_image(64, 48).save(tmp_path / "a.png")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"images": ["a.png"], "question": "q?", "answer": "7"})
+                                              + "\n" for _ in range(5)))
+    calls = []
+    real = data._check_image
+    monkeypatch.setattr(data, "_check_image", lambda p: calls.append(p) or real(p))
+    good, problems, total = data.check_file(tmp_path / "d.jsonl")
+    assert len(good) == total == 5 and not problems and len(calls) == 1
+
+
 # ---------------------------------------------------------------------------- CLI and BLINK
 
 def test_show_prints_kinds_and_counts(synth, capsys):
@@ -516,3 +610,15 @@ def test_convert_blink(tmp_path):
     # a prompt that is just BLINK's standard wording is stored as question + choices
     assert data.format_prompt("Is the car beneath the cat?", ["yes", "no"]) == \
         "Is the car beneath the cat?\nSelect from the following choices.\n(A) yes\n(B) no"
+
+
+def test_num_tokens_is_the_encoded_length(ours, tmp_path):
+    """Counted without pixels and with one image pad per image tokenized: still len(encode())."""
+    paths = []
+    for k, (w, h) in enumerate([(640, 480), (57, 300), (1000, 90)]):
+        paths.append(str(tmp_path / f"{k}.png"))
+        random_image(w, h, seed=k).save(paths[-1])
+    for images, question in [(paths, "Which?"), (paths[1:], "<image> and\n<image>: same?"), ([], "Hi?")]:
+        s = data.Sample(images=images, question=question, choices=["x", "y"], answer="B")
+        for with_answer in (True, False):
+            assert ours.num_tokens(s, with_answer) == len(ours.encode(s, with_answer)["input_ids"])

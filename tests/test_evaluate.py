@@ -155,6 +155,23 @@ def test_batched_equals_one_by_one(ckpts, tmp_path):
     assert batched == single
 
 
+def test_streamed_through_workers_equals_in_process(ckpts, tmp_path):
+    """Images decoded in DataLoader worker processes give the same outputs as in this process;
+    an image whose header reads but whose pixels do not (a truncated file) fails only its own
+    sample, wherever it is decoded."""
+    _, livr = ckpts
+    m, proc, _ = evaluate.load_checkpoint(livr)
+    recs = [data.Sample(images=[image_file(tmp_path / f"{i}.png", 56 + 28 * (i % 3), 56, i)],
+                        question="Which?", choices=TWO, answer="A") for i in range(5)]
+    whole = (tmp_path / "2.png").read_bytes()
+    (tmp_path / "2.png").write_bytes(whole[:len(whole) // 2])           # header intact, data cut
+    here = evaluate.evaluate(m, proc, recs, batch_size=2, max_new_tokens=4)
+    there = evaluate.evaluate(m, proc, recs, batch_size=2, max_new_tokens=4, workers=2)
+    assert here == there
+    assert [r["error"] is not None for r in here] == [False, False, True, False, False]
+    assert "truncated" in here[2]["error"]
+
+
 def test_a_failing_sample_does_not_sink_its_batch(ckpts, tmp_path, monkeypatch):
     """A model error on one sample (here: the one with the big image) is that sample's error."""
     _, livr = ckpts

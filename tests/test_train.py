@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,9 +125,11 @@ def test_fsdp_two_processes_equal_one(demo, tmp_path):
     assert a == pytest.approx(b, rel=1e-4)
 
 
-def test_kill_and_resume_reproduces_losses(demo, tmp_path):
-    """LoRA dropout on, so the resumed run must also restore the RNG exactly."""
-    common = ["--stage", "1", "--epochs", "2", "--latents", "4", "--save-every", "2"]
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_kill_and_resume_reproduces_losses(demo, tmp_path, workers):
+    """LoRA dropout on, so the resumed run must also restore the RNG exactly; with images
+    decoded in worker processes too (a GPU run's default)."""
+    common = ["--stage", "1", "--epochs", "2", "--latents", "4", "--save-every", "2", "--workers", workers]
     train.main(args(demo, tmp_path / "full", *common))
     train.main(args(demo, tmp_path / "cut", *common, "--max-steps", "5"))
     assert len(losses(tmp_path / "cut")) == 5
@@ -250,3 +253,103 @@ def test_bf16_run_steps_fp32_masters(demo, tmp_path):
         rows.append(m.latent_embeds.detach())
     diff = (rows[0] - rows[1]).abs().mean()
     assert 2e-6 < diff < 5e-5, diff
+
+
+# --- packing a step into micro-batches ---------------------------------------------------------
+
+def step_gradient(m, micro, mask_mode):
+    """The gradient of one optimizer step's loss (summed answer-token cross-entropy over the
+    micro-batches / their answer-token count), accumulated micro-batch by micro-batch."""
+    m.zero_grad(set_to_none=True)
+    n = sum(data.num_targets(b) for b in micro)
+    for b in micro:
+        ce, _ = train.compute_loss(m, b, mask_mode)
+        (ce / n).backward()
+    return {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mask_mode", ["bottleneck", "causal"])
+def test_packed_step_gives_the_per_sample_gradient(demo, mask_mode):
+    """fp32, no dropout: the global batch packed into one or a few sequences (one segment per
+    sample) gives the gradient of the paper's per-sample accumulation, to 1e-5 relative."""
+    a = train.parse_args(["--stage", "1", "--latents", "4", "--train", "full"])
+    proc = data.Processor.from_pretrained(demo["base"], num_latents=4)
+    m = train.build_model(a, None, demo["base"], proc, torch.device("cpu"))
+    model.init_weights(m, std=0.1, seed=5)      # a model whose outputs depend on everything
+    records = data.load_dataset(demo["train"])
+    items = [data.EncodedRecords(records, proc)[i] for i in range(8)]
+    want = step_gradient(m, data.StepBatches(proc.pad_id, 0, 1)(items), mask_mode)
+    for budget in (4096, 200):                   # all 8 in one sequence; several sequences
+        micro = data.StepBatches(proc.pad_id, budget)(items)
+        assert len(micro) == (1 if budget == 4096 else 3)
+        got = step_gradient(m, micro, mask_mode)
+        assert got.keys() == want.keys() and len(want) > 10
+        for k in want:
+            err = (got[k] - want[k]).norm() / want[k].norm()
+            assert err < 1e-5, f"{k}: relative error {err:.2e} with budget {budget}"
+
+
+@pytest.mark.parametrize("mask_mode", ["bottleneck", "causal"])
+def test_fsdp_packed_step_equals_per_sample_accumulation(demo, tmp_path, mask_mode):
+    """2 FSDP processes packing their shares (to micro-batch counts that differ between the
+    ranks at some steps, so one must run a weight-0 extra pass or the step deadlocks) train as
+    one process with one-sample micro-batches: the same loss and gradient norm at every step."""
+    proc = data.Processor.from_pretrained(demo["base"], num_latents=4)
+    records = data.load_dataset(demo["train"])
+    ds, pack = data.EncodedRecords(records, proc), data.StepBatches(proc.pad_id, 144)
+    counts = [[len(pack([ds[i] for i in ids])) for ids in data.StepSampler(len(records), 8, r, 2, 42, 0, 3)]
+              for r in range(2)]
+    assert counts[0] != counts[1]                # the uneven case is exercised
+    common = ["--model", demo["base"], "--data", demo["train"], "--stage", "1", "--mask", mask_mode,
+              "--train", "full", "--latents", "4", "--global-batch", "8", "--max-steps", "3",
+              "--log-every", "100"]
+    train.main(common + ["--run-dir", str(tmp_path / "one"), "--micro-batch-tokens", "0", "--batch-size", "1"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", "29534", os.path.join(ROOT, "train.py"), *common,
+                    "--run-dir", str(tmp_path / "two"), "--micro-batch-tokens", "144"],
+                   check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
+    metrics = lambda d: [r for r in map(json.loads, open(d / "stage1" / "metrics.jsonl")) if "loss" in r]
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+
+
+# --- memory ------------------------------------------------------------------------------------
+
+PEAK_RSS = """
+import sys, train
+try:
+    train.main(sys.argv[1:])
+finally:
+    hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+    print("peak_rss_kb", int(hwm.split()[1]))
+"""
+
+
+def test_host_memory_does_not_grow_with_the_dataset(demo, tmp_path):
+    """The same 4 images (448 px: a 4.8 MB fp32 encoding each) behind 16 and 160 records: the
+    training process's peak resident set is the same, because pixels are decoded per step and
+    never kept (encoding every sample up front would add ~690 MB for the larger set)."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    images = []
+    for k in range(4):
+        images.append(f"img{k}.png")
+        Image.fromarray(rng.integers(0, 256, (448, 448, 3), dtype=np.uint8)).save(tmp_path / images[-1])
+    peaks = []
+    for n in (16, 160):
+        path = tmp_path / f"train{n}.jsonl"
+        path.write_text("".join(json.dumps({"images": [images[i % 4]], "question": "Which?",
+                                            "choices": ["x", "y"], "answer": "AB"[i % 2]}) + "\n"
+                                for i in range(n)))
+        out = subprocess.run([sys.executable, "-c", PEAK_RSS, "--model", demo["base"], "--data", str(path),
+                              "--stage", "1", "--latents", "4", "--max-steps", "2", "--workers", "0",
+                              "--run-dir", str(tmp_path / f"run{n}")],
+                             cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        peaks.append(int(out.stdout.split("peak_rss_kb")[-1]) / 1024)
+    assert peaks[1] - peaks[0] < 80, f"peak RSS {peaks[0]:.0f} MB -> {peaks[1]:.0f} MB for 10x the records"

@@ -31,8 +31,8 @@ def demo(tmp_path_factory):
 
 def run_args(demo, run_dir, *extra):
     return ["--stage", "1", "--model", demo["base"], "--data", demo["train"], "--val", demo["val"],
-            "--run-dir", str(run_dir), "--batch-size", "2", "--global-batch", "4", "--latents", "4",
-            "--log-every", "100", "--epochs", "2", *extra]
+            "--run-dir", str(run_dir), "--batch-size", "2", "--micro-batch-tokens", "0",
+            "--global-batch", "4", "--latents", "4", "--log-every", "100", "--epochs", "2", *extra]
 
 
 @pytest.fixture(scope="module")
