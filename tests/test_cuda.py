@@ -157,9 +157,9 @@ def demo(tmp_path_factory):
                 test=str(splits["test"]))
 
 
-def torchrun(*argv, port):
+def torchrun(*argv):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
-           "--master_port", str(port), os.path.join(ROOT, "train.py"), *argv]
+           "--master_port", tiny.free_port(), os.path.join(ROOT, "train.py"), *argv]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
@@ -178,15 +178,15 @@ def test_torchrun_nccl_both_stages_resume_and_evaluate(demo, tmp_path):
               "--global-batch", "4", "--epochs", "1", "--latents", "4", "--save-every", "2",
               "--log-every", "1", "--dtype", "fp32"]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
-    out = torchrun("--stage", "1", "--run-dir", full, *common, port=29611)
+    out = torchrun("--stage", "1", "--run-dir", full, *common)
     assert "cuda" in out
-    torchrun("--stage", "1", "--run-dir", cut, *common, "--max-steps", "3", port=29612)
-    torchrun("--stage", "1", "--run-dir", cut, *common, "--resume", port=29613)
+    torchrun("--stage", "1", "--run-dir", cut, *common, "--max-steps", "3")
+    torchrun("--stage", "1", "--run-dir", cut, *common, "--resume")
     a, b = losses(full, 1), losses(cut, 1)
     assert len(a) == len(b) > 3
     assert a == pytest.approx(b, rel=1e-4)
     bf16 = [c for c in common if c not in ("--dtype", "fp32")]       # the GPU default: bf16
-    torchrun("--stage", "2", "--run-dir", cut, *bf16, port=29614)
+    torchrun("--stage", "2", "--run-dir", cut, *bf16)
     assert all(map(lambda x: x == x and abs(x) < 1e4, losses(cut, 2)))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--checkpoint",
                         os.path.join(cut, "stage2", "final"), "--data", demo["test"], "--out",

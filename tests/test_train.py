@@ -13,6 +13,7 @@ import torch
 import data
 import masks
 import model
+import tiny
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,7 +119,7 @@ def test_fsdp_two_processes_equal_one(demo, tmp_path):
     train.main(one)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", "29533", os.path.join(ROOT, "train.py"), *two],
+                    "--master_port", tiny.free_port(), os.path.join(ROOT, "train.py"), *two],
                    check=True, cwd=ROOT, env=env, capture_output=True)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 6
@@ -306,7 +307,7 @@ def test_fsdp_packed_step_equals_per_sample_accumulation(demo, tmp_path, mask_mo
     train.main(common + ["--run-dir", str(tmp_path / "one"), "--micro-batch-tokens", "0", "--batch-size", "1"])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", "29534", os.path.join(ROOT, "train.py"), *common,
+                    "--master_port", tiny.free_port(), os.path.join(ROOT, "train.py"), *common,
                     "--run-dir", str(tmp_path / "two"), "--micro-batch-tokens", "144"],
                    check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
     metrics = lambda d: [r for r in map(json.loads, open(d / "stage1" / "metrics.jsonl")) if "loss" in r]

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import data
 import evaluate
 import model
+import tiny
 import train
 
 
@@ -183,14 +184,14 @@ def test_fsdp_kill_and_resume_reproduces_losses(demo, tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    def torchrun(port, *extra):
+    def torchrun(*extra):
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(port), os.path.join(root, "train.py"), *extra],
+                        "--master_port", tiny.free_port(), os.path.join(root, "train.py"), *extra],
                        check=True, cwd=root, env=env, capture_output=True)
     common = ["--batch-size", "1", "--save-every", "2"]
-    torchrun(29621, *run_args(demo, tmp_path / "full", *common))
-    torchrun(29622, *run_args(demo, tmp_path / "cut", *common, "--max-steps", "3"))
-    torchrun(29623, *run_args(demo, tmp_path / "cut", *common, "--resume"))
+    torchrun(*run_args(demo, tmp_path / "full", *common))
+    torchrun(*run_args(demo, tmp_path / "cut", *common, "--max-steps", "3"))
+    torchrun(*run_args(demo, tmp_path / "cut", *common, "--resume"))
     a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
     assert len(a) == len(b) == 4
     assert a == pytest.approx(b, rel=1e-6)

@@ -117,3 +117,12 @@ def hf_logits(ref, input_ids, pixel_values=None, image_grid_thw=None, attention_
     with torch.no_grad():
         return ref(**kw).logits
 
+
+
+def free_port():
+    """A TCP port nothing listens on now, for a torchrun rendezvous: fixed ports collide when
+    two test runs share a machine."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
