@@ -66,7 +66,8 @@ class VisionConfig:
 
 
 class Layout(NamedTuple):
-    """Where every patch sits in the padded window grid. Built once per forward."""
+    """Where every patch sits in the padded window grid: built once per batch, on the host
+    (model.prepare_batch), or once per forward."""
     src: torch.Tensor          # [S] patch feeding each slot (empty slots: any patch of the same frame)
     pos: torch.Tensor          # [S, 2] (row, col) of the slot's patch in its image
     window_mask: torch.Tensor | None  # [W, 1, 1, P] True = a real patch; None when no slot is empty
@@ -120,7 +121,7 @@ def window_layout(grid_thw, cfg):
 def rotary_cos_sin(pos, head_dim, theta):
     """2-D RoPE: the first half of each rotary half turns with the row, the second with the col.
     pos [S, 2] -> cos, sin [S, 1, head_dim] in fp32 (broadcast over the q and k heads)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float) / (head_dim // 2))
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float, device=pos.device) / (head_dim // 2))
     freqs = (pos[..., None].float() * inv_freq).flatten(1)  # [S, head_dim/2]: rows' freqs, then cols'
     emb = torch.cat([freqs, freqs], dim=-1)                  # rotate_half pairs channel c with c + head_dim/2
     return emb.cos()[:, None], emb.sin()[:, None]
@@ -242,12 +243,15 @@ class VisionEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg)
 
-    def forward(self, pixel_values, grid_thw):
+    def forward(self, pixel_values, grid_thw=None, layout=None):
         """pixel_values [num_patches, c*t*p*p], grid_thw [num_images, 3] as the image processor
         returns them -> [num_patches // m^2, out_hidden], image 0's tokens first, each image's
-        tokens in merged-raster order (the order of its <|image_pad|> placeholders)."""
+        tokens in merged-raster order (the order of its <|image_pad|> placeholders).
+        layout: window_layout(grid_thw, cfg) made ahead (on the host, with the batch) and moved to
+        the device; without it the layout is built here, which reads grid_thw back to the host."""
         cfg, dev = self.cfg, pixel_values.device
-        layout = window_layout(grid_thw.cpu(), cfg).to(dev)
+        if layout is None:
+            layout = window_layout(grid_thw.cpu(), cfg).to(dev)
         x = self.patch_embed(pixel_values[layout.src])  # [S, hidden], patches gathered into the window grid
         cos, sin = rotary_cos_sin(layout.pos, cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
         for i, blk in enumerate(self.blocks):
