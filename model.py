@@ -586,8 +586,11 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))   # as PEFT: B = 0, so a no-op at start
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + \
-            F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        y = F.linear(x, self.weight, self.bias)                                # (..., out)
+        h = F.linear(self.dropout(x), self.lora_A)                             # (..., r)
+        # y + scale * h B^T as one GEMM that accumulates into y: no separate passes over the
+        # (..., out) tensor to scale the update and add it
+        return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), self.lora_B.t(), alpha=self.scale).view(y.shape)
 
     def merged(self):
         lin = nn.Linear(self.weight.shape[1], self.weight.shape[0], bias=self.bias is not None,

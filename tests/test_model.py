@@ -302,3 +302,22 @@ def test_block_attention_equals_dense_mask(latent_model, mode):
     for k in grads[0]:
         assert rel_err(grads[1][k], grads[0][k]) <= 1e-5, k
     m.zero_grad()
+
+
+@pytest.mark.parametrize("mode", ["bottleneck", "causal"])
+def test_prepared_step_never_reads_the_device(mode):
+    """Forward + backward of a prepared batch on the `meta` device, where every value read back
+    to the host (.item(), bool(), nonzero, boolean indexing, .cpu()) raises: the training step
+    queues GPU work without waiting on it. The unprepared path does read back, and fails here."""
+    import train
+    cfg = model.Config.from_dict(tiny.config_dict())
+    with torch.device("meta"):
+        m = model.Qwen25VL(cfg, num_latents=4, latent_token_id=LATENT)
+    model.add_lora(m, 4, 8, 0.05)
+    m.to("meta").train()
+    on_meta = lambda b: {k: v.to("meta") if hasattr(v, "to") else v for k, v in b.items()}
+    loss, n = train.compute_loss(m, on_meta(model.prepare_batch(packed_row(), cfg)), mode)
+    (loss / n).backward()
+    assert n == 10 and m.latent_embeds.grad is not None
+    with pytest.raises(NotImplementedError):
+        train.compute_loss(m, on_meta(packed_row()), mode)
