@@ -440,7 +440,7 @@ def bench_train_step(args, path, cfg):
          for side in ("ours", "hf")}
     r = {side: w[side].ask() for side in w}
     best = {side: float("inf") for side in w}
-    for _ in range(args.rounds):
+    for _ in range(args.step_rounds):
         for side in w:
             best[side] = min(best[side], w[side].ask("pass")["seconds"])
     for side in w:
@@ -718,10 +718,12 @@ def main():
     args.vision_px, args.vision_n = ([56, 112], [2, 1]) if q else ([448, 896], [2, 1])
     args.decode_px, args.decode_tokens = (56, 16) if q else (224, 32)
     args.pack_n, args.pack_len = (16, (512, 4096)) if q else (1024, (1024, 4096))
-    # the global-batch step: BLINK-like images and prompts; more timed steps where they are cheap
-    args.step_px, args.step_prompt = ((56, 84), (10, 30)) if q else ((224, 672), (40, 200))
+    # the global-batch step: BLINK-like prompts and 1-4 images of 224-672 px; on a CPU, images of
+    # half the side and one timed pass, or transformers' side alone would take minutes a step
     gpu = args.device.startswith("cuda")
-    args.step_steps, args.step_warmup = (3, 2) if gpu and not q else (1, 1)
+    args.step_px = (56, 84) if q else (224, 672) if gpu else (112, 336)
+    args.step_prompt = (10, 30) if q else (40, 200)
+    args.step_steps, args.step_warmup, args.step_rounds = (3, 1, 3) if gpu and not q else (1, 0, 1)
 
     r = dict(preset=args.preset, device=args.device, dtype=args.dtype, machine=machine(args.device),
              torch=torch.__version__, transformers=__import__("transformers").__version__,

@@ -9,6 +9,10 @@ Mirrors transformers' `Qwen2_5_VLForConditionalGeneration` (the numerical oracle
   - M-RoPE position ids for text + several images, restarting per packed sample;
   - one forward for training, prefill and decode (a static KV cache, as in gpt-fast), with an
     optional explicit boolean attention mask -- the door the LIVR bottleneck comes through;
+  - packed training batches made ready on the host (`prepare_batch`: positions, the vision
+    window layout, where the logits go), and attention run per packed sample on its own block
+    of the mask (`attention_blocks`), so the training step never waits on the device and never
+    pays for the pairs of different samples;
   - LIVR latent tokens: K rows of their own (`latent_embeds`), trained while the tied
     embedding table stays frozen (PAPER.md, "Latent tokens");
   - hand-written LoRA on q, k, v, o, gate, up, down that merges back for export.
@@ -16,6 +20,11 @@ Mirrors transformers' `Qwen2_5_VLForConditionalGeneration` (the numerical oracle
     import model
     m = model.load_pretrained("Qwen/Qwen2.5-VL-3B-Instruct")        # fp32 on CPU by default
     logits = m(input_ids=ids, pixel_values=pv, image_grid_thw=thw)   # [B, L, vocab]
+
+    b = model.prepare_batch(data.pack(encoded, 8192)[0], m.cfg)      # training: on the host
+    logits = m(b["input_ids"], b["pixel_values"], mask=model.attention_blocks(b["kinds"], 1, b["spans"]),
+               position_ids=b["position_ids"], vision_layout=b["vision_layout"],
+               logits_at=b["logits_at"])                            # [n, vocab], as train.compute_loss
 """
 import json
 import math

@@ -18,7 +18,8 @@ How an image becomes LM tokens:
   4. The merger: RMSNorm per patch, concatenate each 2x2 block, MLP to the LM width.
 
 Windows, the one idea worth reading slowly: we lay all patches of all images out once, per
-forward, as a padded grid [num_windows, 64 slots] (window_layout). Windowed attention is then a
+batch (on the host, with the batch) or per forward, as a padded grid [num_windows, 64 slots]
+(window_layout). Windowed attention is then a
 reshape plus a single SDPA call with a key-padding mask, and full attention is one SDPA call per
 image over that image's windows. Windows at the right/bottom edge are partly empty; their empty
 slots hold a copy of some real patch, are masked out as keys, and are dropped before the merger.
