@@ -6,6 +6,12 @@ weights, the same inputs, one run. Every ratio is ours / transformers.
               up,down plus the K=16 latent rows, under the bottleneck mask, batch 1 of 2-image
               samples (the paper's per-device batch): tokens/s, and the peak memory the step adds
               to the loaded model, activation checkpointing off and on.
+  1b. step    one optimizer step of the paper's global batch of 8 BLINK-like samples (1-4 images
+              of 224-672 px, half that on a CPU; 40-200 prompt tokens), same trainable set and
+              mask: ours packed into as few micro-batches as --micro-batch-tokens allows
+              (data.pack + model.prepare_batch, made on the host as the data pipeline does),
+              transformers at batch 1 with accumulation 8. Samples/s, tokens/s, peak memory, and
+              on a GPU the model FLOPs utilisation (train_step_mfu).
   2. vision   encoder forward, images/s at 448x448 and 896x896 (transformers with sdpa).
   3. decode   greedy decoding with a KV cache, tokens/s of the decode steps alone, batch 1 and 8,
               and batch 1 on the tiny demo model, where per-token overhead is all there is.
@@ -360,7 +366,10 @@ def train_worker(a):
         for micro, n in timed:
             step(micro, n)
         sync(dev)
-        reply(dict(seconds=time.perf_counter() - t0))
+        seconds = time.perf_counter() - t0
+        if str(dev).startswith("cuda"):
+            torch.cuda.empty_cache()              # both sides share the GPU: free the cache between turns
+        reply(dict(seconds=seconds))
     peak = memory_peak(dev)
     out = dict(step_mb=peak - base, peak_mb=peak)
     if a.profile:
@@ -703,8 +712,9 @@ def main():
     p.add_argument("--json", action="store_true", help="JSON on stdout, the table on stderr")
     p.add_argument("--quick", action="store_true", help="toy sizes: checks that it runs, nothing more")
     p.add_argument("--global-batch", type=int, default=8, help="samples per optimizer step (the paper's 8)")
-    p.add_argument("--micro-batch-tokens", type=int, default=8192,
-                   help="token budget of our packed micro-batches in the global-batch step")
+    p.add_argument("--micro-batch-tokens", type=int, default=None,
+                   help="token budget of our packed micro-batches in the global-batch step (default: "
+                        "4096 on a GPU, where the 3B's activations take ~6 MB a token; 8192 on CPU)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
@@ -721,6 +731,7 @@ def main():
     # the global-batch step: BLINK-like prompts and 1-4 images of 224-672 px; on a CPU, images of
     # half the side and one timed pass, or transformers' side alone would take minutes a step
     gpu = args.device.startswith("cuda")
+    args.micro_batch_tokens = args.micro_batch_tokens or (4096 if gpu else 8192)
     args.step_px = (56, 84) if q else (224, 672) if gpu else (112, 336)
     args.step_prompt = (10, 30) if q else (40, 200)
     args.step_steps, args.step_warmup, args.step_rounds = (3, 1, 3) if gpu and not q else (1, 0, 1)
