@@ -734,7 +734,7 @@ def main():
     args.micro_batch_tokens = args.micro_batch_tokens or (4096 if gpu else 8192)
     args.step_px = (56, 84) if q else (224, 672) if gpu else (112, 336)
     args.step_prompt = (10, 30) if q else (40, 200)
-    args.step_steps, args.step_warmup, args.step_rounds = (3, 1, 3) if gpu and not q else (1, 0, 1)
+    args.step_steps, args.step_warmup, args.step_rounds = (2, 1, 2) if gpu and not q else (1, 0, 1)
 
     r = dict(preset=args.preset, device=args.device, dtype=args.dtype, machine=machine(args.device),
              torch=torch.__version__, transformers=__import__("transformers").__version__,
