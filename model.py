@@ -147,17 +147,19 @@ class MRoPE(nn.Module):
     # axes by `mrope_section`; the same split is used for both halves of the head.
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        D = cfg.head_dim
+        self.head_dim, self.theta = cfg.head_dim, cfg.rope_theta
         # computed on the CPU explicitly so that building the model on `meta` leaves it real
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, device="cpu").float() / D))
         axis = torch.tensor([a for a, n in enumerate(cfg.mrope_section) for _ in range(n)], device="cpu")
-        self.register_buffer("inv_freq", inv_freq, persistent=False)   # (D/2,)
         self.register_buffer("axis", axis, persistent=False)           # (D/2,) in {0, 1, 2}
 
     def forward(self, position_ids, dtype):
         # position_ids (3, B, L) -> cos, sin (B, L, D)
+        D = self.head_dim
+        # the frequencies are made here, in fp32, once per forward: a float buffer would follow
+        # model.to(torch.bfloat16) and turn every angle at position ~1000 off by radians
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, D, 2, device=position_ids.device).float() / D))
         pos = position_ids[self.axis].permute(1, 2, 0).float()        # (B, L, D/2)
-        freqs = pos * self.inv_freq
+        freqs = pos * inv_freq
         cos, sin = freqs.cos(), freqs.sin()
         # rotate_half(x) * sin == x.roll(D/2) * [-sin, sin]: the sign goes into the table once per
         # forward instead of into every q and k of every layer
