@@ -292,16 +292,21 @@ def test_block_attention_equals_dense_mask(latent_model, mode):
     assert rel_err(fast[0, real], dense[0, real]) <= 1e-5
 
     grads = []
-    for b in (batch, prepared):
+    m.train()
+    for b, ckpt in ((batch, False), (prepared, False), (prepared, True)):  # True: activation checkpointing
         m.zero_grad()
+        m.grad_checkpointing = ckpt
         loss, n = train.compute_loss(m, b, mode)
         (loss / n).backward()
         grads.append({k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and "latent_embeds" in grads[0]
+    m.zero_grad()
+    m.grad_checkpointing = False
+    m.eval()
+    assert grads[0].keys() == grads[1].keys() == grads[2].keys() and "latent_embeds" in grads[0]
     assert any(k.startswith("visual.") for k in grads[0])
     for k in grads[0]:
         assert rel_err(grads[1][k], grads[0][k]) <= 1e-5, k
-    m.zero_grad()
+        assert rel_err(grads[2][k], grads[0][k]) <= 1e-5, k
 
 
 @pytest.mark.parametrize("mode", ["bottleneck", "causal"])
