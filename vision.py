@@ -19,8 +19,8 @@ How an image becomes LM tokens:
 
 Windows, the one idea worth reading slowly: we lay all patches of all images out once, per
 batch (on the host, with the batch) or per forward, as a padded grid [num_windows, 64 slots]
-(window_layout). Windowed attention is then a
-reshape plus a single SDPA call with a key-padding mask, and full attention is one SDPA call per
+(window_layout). Windowed attention is then a reshape plus a single SDPA call with a
+key-padding mask, and full attention is one SDPA call per
 image over that image's windows. Windows at the right/bottom edge are partly empty; their empty
 slots hold a copy of some real patch, are masked out as keys, and are dropped before the merger.
 
@@ -122,7 +122,8 @@ def window_layout(grid_thw, cfg):
 def rotary_cos_sin(pos, head_dim, theta):
     """2-D RoPE: the first half of each rotary half turns with the row, the second with the col.
     pos [S, 2] -> cos, sin [S, 1, head_dim] in fp32 (broadcast over the q and k heads)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float, device=pos.device) / (head_dim // 2))
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim // 2, 2, dtype=torch.float, device=pos.device)
+                               / (head_dim // 2))
     freqs = (pos[..., None].float() * inv_freq).flatten(1)  # [S, head_dim/2]: rows' freqs, then cols'
     emb = torch.cat([freqs, freqs], dim=-1)                  # rotate_half pairs channel c with c + head_dim/2
     return emb.cos()[:, None], emb.sin()[:, None]
