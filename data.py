@@ -82,11 +82,15 @@ class ImageConfig:
     @classmethod
     def from_pretrained(cls, path):
         path = Path(path)
-        if (path / "preprocessor_config.json").exists():
-            return cls.from_dict(json.loads((path / "preprocessor_config.json").read_text()))
-        if (path / "processor_config.json").exists():  # transformers 5 may nest it here
-            nested = json.loads((path / "processor_config.json").read_text())
-            return cls.from_dict(nested.get("image_processor", {}))
+        for name, part in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+            file = path / name                     # transformers 5 may nest it in the second
+            if not file.exists():
+                continue
+            try:
+                d = json.loads(file.read_text(encoding="utf-8"))
+                return cls.from_dict(d if part is None else d.get(part, {}))
+            except (ValueError, TypeError, AttributeError) as e:
+                raise ValueError(f"{file}: not a valid image processor config ({type(e).__name__}: {e})") from None
         return cls()
 
 
@@ -118,11 +122,24 @@ def to_rgb(image):
             image = im.copy()
     elif isinstance(image, np.ndarray):
         image = Image.fromarray(image)
+    image = _to_8bit(image)
     if _has_alpha(image):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _to_8bit(im):
+    """16-bit greyscale (PIL modes I;16*, or I holding values above 255) scaled to 8 bits:
+    PIL's own convert() clips at 255, which turns such images almost white. (PIL already keeps
+    the high byte of 16-bit RGB/RGBA PNGs.)"""
+    if not (im.mode.startswith("I;16") or im.mode == "I"):
+        return im
+    x = np.asarray(im).astype(np.float64)
+    if im.mode == "I" and x.max(initial=0) <= 255:
+        return Image.fromarray(x.clip(0, 255).astype(np.uint8), "L")     # already 8-bit values
+    return Image.fromarray(np.rint(x.clip(0, 65535) / 257).astype(np.uint8), "L")
 
 
 def _has_alpha(im):
@@ -354,7 +371,9 @@ class Processor:
         self.im_end_id = lookup("<|im_end|>")
         self.pad_id = lookup("<|endoftext|>")
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-        self.reserved = [t for t, _ in QWEN_ADDED_TOKENS] + self.latent_tokens
+        # every control token of this tokenizer: user text holding one is refused, never encoded
+        added = [t.content for t in tokenizer.get_added_tokens_decoder().values()]
+        self.reserved = list(dict.fromkeys([t for t, _ in QWEN_ADDED_TOKENS] + self.latent_tokens + added))
         c = self.image_config
         self.patch_dim = 3 * c.temporal_patch_size * c.patch_size ** 2       # 1176
 
@@ -372,7 +391,11 @@ class Processor:
         image_config = ImageConfig.from_pretrained(path)
         image_config.min_pixels = min_pixels or image_config.min_pixels
         image_config.max_pixels = max_pixels or image_config.max_pixels
-        return cls(Tokenizer.from_file(str(path / "tokenizer.json")), image_config, num_latents)
+        try:
+            tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:                 # the tokenizers library raises a bare Exception
+            raise ValueError(f"{path / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
+        return cls(tokenizer, image_config, num_latents)
 
     def image_tokens(self, width, height):
         """<|image_pad|> count for an image of this size (no pixels touched)."""
@@ -405,7 +428,14 @@ class Processor:
         return [p for p in parts if p != ""]
 
     def render(self, sample, with_answer=True, image_token_counts=None):
-        """(text, answer_start) of the whole conversation, image pads expanded."""
+        """(text, answer_start) of the whole conversation, image pads expanded. User text (the
+        question, choices, prompt, answer) holding a control token is a ValueError: rendered,
+        it would be tokenized as that token (an <|im_end|> ending the turn, a fake latent...)."""
+        for field, value in (("text", sample.text), ("answer", sample.answer if with_answer else None)):
+            tok = reserved_token_in(value or "", self.reserved)
+            if tok:
+                raise ValueError(f"{sample.where or 'record'}: the {field} contains the reserved "
+                                 f"token {tok} (control tokens are not allowed in user text)")
         if image_token_counts is None:
             image_token_counts = [self.image_tokens(*_image_size(im)) for im in sample.images]
         answer = None
@@ -461,6 +491,18 @@ class Processor:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
+LATENT_PATTERN = re.compile(r"<\|latent_\d+\|>")
+
+
+def reserved_token_in(text, reserved):
+    """The first control token in `text` (any of `reserved`, or any <|latent_N|>), else None."""
+    for tok in reserved:
+        if tok in text:
+            return tok
+    m = LATENT_PATTERN.search(text)
+    return m.group(0) if m else None
+
+
 def _image_size(image):
     """(width, height) from a PIL image or just the file header."""
     if isinstance(image, Image.Image):
@@ -484,10 +526,26 @@ def as_sample(record):
 class DataError(ValueError):
     """A dataset with bad records; str(e) is the full report, e.problems the 'file:line: reason' lines."""
 
-    def __init__(self, problems, total, path):
+    def __init__(self, problems, total, path, message=None):
         self.problems = problems
-        super().__init__("\n".join(problems) + f"\n{len(problems)} bad record(s) of {total} in {path} "
-                         "(fix them, or pass --skip-bad / skip_bad=True to leave them out)")
+        super().__init__(message or "\n".join(problems) + f"\n{len(problems)} bad record(s) of "
+                         f"{total} in {path} (fix them, or pass --skip-bad / skip_bad=True to "
+                         "leave them out)")
+
+
+def read_text(path):
+    """A dataset file's text; a directory or a file that is not UTF-8 is a DataError that names
+    the file, line and byte."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError([], 0, path, f"{path} is a directory, not a dataset file (.jsonl or .json)")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError([], 0, path, f"{path}:{line}: not UTF-8 text (byte {e.start}: "
+                        f"{raw[e.start:e.start + 1]!r}); save the file as UTF-8") from None
 
 
 def read_records(path, image_root=None):
@@ -497,7 +555,7 @@ def read_records(path, image_root=None):
     (or to image_root)."""
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     raw = []                                        # (line number, object or None, error)
     if path.suffix == ".json":
         try:
@@ -597,10 +655,10 @@ def validate(sample, processor=None, max_len=None):
     n_placeholders = text.count(IMAGE_PLACEHOLDER)
     if (n_placeholders or sample.llava) and n_placeholders != len(sample.images):
         reasons.append(f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) for {len(sample.images)} image(s)")
-    for tok in (processor.reserved if processor else [t for t, _ in QWEN_ADDED_TOKENS]):
-        if tok in text or tok in answer:
-            reasons.append(f"text contains the reserved token {tok}")
-            break
+    reserved = processor.reserved if processor else [t for t, _ in QWEN_ADDED_TOKENS]
+    tok = reserved_token_in(text, reserved) or reserved_token_in(answer, reserved)
+    if tok:
+        reasons.append(f"text contains the reserved token {tok}")
     for image in sample.images:
         if isinstance(image, Image.Image):
             continue
@@ -642,6 +700,11 @@ def load_dataset(path, skip_bad=False, max_len=None, processor=None, image_root=
     if max_len is not None and processor is None:
         raise ValueError("max_len needs a processor to count tokens")
     good, problems, total = check_file(path, processor, max_len, image_root)
+    if total == 0:
+        raise DataError([], 0, path, f"{path} holds no records")
+    if problems and not good and skip_bad:
+        raise DataError(problems, total, path, "\n".join(problems) + f"\nall {total} record(s) "
+                        f"of {path} are bad: --skip-bad would leave nothing")
     if problems and not skip_bad:
         raise DataError(problems, total, path)
     if problems:
@@ -865,6 +928,26 @@ def make_synthetic(out_dir, n_train=256, n_val=64, n_test=128, seed=42, tasks=tu
 # ----------------------------------------------------------------------------------------------
 # BLINK, as distributed on the hub (BLINK-Benchmark/BLINK: <Task>/{val,test}-*.parquet)
 
+def safe_name(value, what="name"):
+    """A file-name piece from data (a BLINK idx or sub_task): only letters, digits, '.', '_' and
+    '-' are kept, so nothing like '../..', '/abs', a NUL or a drive letter can steer a write
+    outside --out. A changed value gets a short hash of the original, so two different values
+    never share a file."""
+    value = str(value)
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "_", value).strip("._-")[:100]
+    if clean == value and clean:
+        return clean
+    digest = hashlib.sha1(value.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{clean}_{digest}" if clean else f"{what}_{digest}"
+
+
+def _inside(path, root):
+    """path, after checking it resolves inside root (a last guard behind safe_name)."""
+    if not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root)):
+        raise ValueError(f"refusing to write {path}: outside {root}")
+    return path
+
+
 def convert_blink(sources, out_dir):
     """Parquet rows (idx, sub_task, image_1..image_4, question, choices, answer '(A)', prompt) ->
     <out>/<Task>_<split>.jsonl in our format, images under <out>/images/. BLINK's own prompt text
@@ -884,12 +967,14 @@ def convert_blink(sources, out_dir):
     for f in files:
         for n, row in enumerate(pq.read_table(f).to_pylist()):
             idx = str(row.get("idx") or f"{f.parent.name}_{f.stem}_{n}")
+            name = safe_name(idx, "idx")                                 # idx comes from the data
             answer = normalize_answer(row.get("answer") or "")
             if answer.lower() in ("", "hidden"):
                 hidden += 1
                 continue
             split = f.stem.split("-")[0] if f.stem.split("-")[0] in SPLITS else idx.split("_")[0]
-            task = row.get("sub_task") or f.parent.name
+            split = safe_name(split, "split")
+            task = str(row.get("sub_task") or f.parent.name)
             images = []
             for k in range(1, 5):
                 im = row.get(f"image_{k}")
@@ -897,14 +982,15 @@ def convert_blink(sources, out_dir):
                     continue
                 raw = im["bytes"] if isinstance(im, dict) else im       # datasets' Image(): {bytes, path}
                 ext = (Image.open(io.BytesIO(raw)).format or "png").lower().replace("jpeg", "jpg")
-                p = out_dir / "images" / f"{idx}_{k}.{ext}"
+                p = _inside(out_dir / "images" / f"{name}_{k}.{ext}", out_dir / "images")
                 p.write_bytes(raw)                                      # as distributed: no re-encoding
                 images.append(str(p))
             choices = list(row.get("choices") or []) or None
             question, prompt = row.get("question", ""), row.get("prompt")
             sample = Sample(images=images, question=question, answer=answer, choices=choices, task=task, id=idx,
                             prompt=prompt if prompt and prompt != format_prompt(question, choices) else None)
-            by_file.setdefault(out_dir / f"{task}_{split}.jsonl", []).append(sample)
+            jsonl = _inside(out_dir / f"{safe_name(task, 'task')}_{split}.jsonl", out_dir)
+            by_file.setdefault(jsonl, []).append(sample)
     written = [write_jsonl(samples, path) for path, samples in sorted(by_file.items())]
     for p in written:
         print(f"wrote {p} ({len(by_file[p])} records)")
@@ -977,7 +1063,19 @@ def main(argv=None):
     p.add_argument("--tasks", default=",".join(SYNTHETIC_TASKS), help="comma-separated subset of: %(default)s")
     p.add_argument("--image-size", type=int, default=112, help="side of the main image; multiple of 56")
     args = ap.parse_args(argv)
+    for flag in ("max_len", "num_latents", "n_train", "n_val", "n_test", "image_size", "index"):
+        v = getattr(args, flag, None)
+        low = 1 if flag in ("max_len", "image_size", "n_train") else 0
+        if v is not None and v < low:
+            ap.error(f"--{flag.replace('_', '-')} {v}: must be at least {low}")
+    try:
+        return _run_cli(args)
+    except (DataError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
+
+def _run_cli(args):
     if args.cmd in ("check", "show"):
         processor = (Processor.from_pretrained(args.model, args.num_latents) if args.model
                      else default_processor(args.num_latents))
@@ -985,6 +1083,9 @@ def main(argv=None):
         good, problems, total = check_file(args.file, processor, args.max_len, args.image_root)
         for line in problems:
             print(line)
+        if total == 0:
+            print(f"{args.file} holds no records")
+            return 1
         print(f"{len(problems)} bad record(s) of {total} in {args.file}" if problems
               else f"OK: {total} records in {args.file}")
         return 1 if problems else 0

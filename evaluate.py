@@ -167,13 +167,16 @@ def evaluate(m, processor, records, batch_size=8, mask="causal", latents=True, m
     """Score every record; returns one dict per record, in order (see sample_result).
     mask: "causal" (inference as in the paper) or "bottleneck" (the stage-1 mask at test time:
     prompt and generated tokens cannot see the image, latents can). latents=False removes the
-    latent tokens from the prompt. A record that fails (unreadable image, no answer, a model
-    error) gets `error` set and counts as wrong."""
+    latent tokens from the prompt. A record that fails (unreadable image, no answer, an answer
+    outside the choices, a control token in its text, a model error) gets `error` set and counts
+    as wrong: the same checks as training (data.validate), reported rather than fatal."""
     results, encoded = [None] * len(records), []
     for i, r in enumerate(records):
         try:
-            if not r.answer:
-                raise ValueError("no answer to score against")
+            reasons = data.validate(r, processor)
+            if reasons:
+                results[i] = sample_result(i, r, error="; ".join(reasons))
+                continue
             enc = processor.encode(r, with_answer=False)
             encoded.append((i, enc if latents else drop_latents(enc)))
         except Exception as e:           # PIL raises many types for bad files
@@ -423,7 +426,8 @@ def _figure(src, caption, small=False):
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32):
     """(model, processor, meta) for a LIVR checkpoint from train.py (LoRA merged for speed) or a
-    plain hub checkpoint (zero-shot, no latents). The tokenizer lives with the base checkpoint."""
+    plain hub checkpoint (zero-shot, no latents; or export.py's, whose config.json names its
+    latents). The tokenizer lives with the base checkpoint."""
     if path == DEMO_CHECKPOINT and not os.path.exists(path):
         raise EvalError(f"no checkpoint at {path}: train the built-in demo first:\n  {TRAIN_DEMO}")
     if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in
@@ -432,9 +436,9 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32):
                         "config.json (a hub checkpoint)")
     try:
         m, meta = qwen.load_livr(path, dtype=dtype, device=device, merge=True)
+        base = qwen.resolve(meta["base"])
     except Exception as e:
         raise EvalError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
-    base = qwen.resolve(meta["base"])
     try:
         processor = data.Processor.from_pretrained(base, num_latents=m.num_latents)
     except Exception as e:
@@ -454,7 +458,10 @@ def load_records(path, image_root=None, limit=None):
                         f"synthetic data):\n  {TRAIN_DEMO}")
     if not os.path.exists(path):
         raise EvalError(f"{path}: no such dataset file")
-    entries = data.read_records(path, image_root)[:limit]
+    try:
+        entries = data.read_records(path, image_root)[:limit]
+    except (data.DataError, OSError) as e:
+        raise EvalError(str(e)) from None
     samples = [s for _, s, err in entries if err is None]
     problems = [f"{where}: {err}" for where, s, err in entries if err is not None]
     if not samples:
@@ -504,11 +511,19 @@ def checkpoint_name(spec):
     return "/".join(os.path.normpath(spec).split(os.sep)[-2:]), spec
 
 
+def check_args(args):
+    for flag, low in (("batch_size", 1), ("max_new_tokens", 1), ("limit", 1), ("attention_samples", 0)):
+        v = getattr(args, flag)
+        if v is not None and v < low:
+            raise EvalError(f"--{flag.replace('_', '-')} {v}: must be at least {low}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
+        check_args(args)
         return run(args)
-    except EvalError as e:
+    except (EvalError, data.DataError, qwen.CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

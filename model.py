@@ -25,6 +25,8 @@ Mirrors transformers' `Qwen2_5_VLForConditionalGeneration` (the numerical oracle
     logits = m(b["input_ids"], b["pixel_values"], mask=model.attention_blocks(b["kinds"], 1, b["spans"]),
                position_ids=b["position_ids"], vision_layout=b["vision_layout"],
                logits_at=b["logits_at"])                            # [n, vocab], as train.compute_loss
+
+    python model.py export runs/demo/stage2/final OUT   # a plain hub checkpoint (export.py)
 """
 import json
 import math
@@ -318,12 +320,26 @@ class Qwen25VL(nn.Module):
             if latent_token_id is None:
                 raise ValueError("latent tokens need latent_token_id (the id of <|latent_0|>)")
             if latent_token_id + num_latents > self.cfg.text.vocab_size:
-                raise ValueError(f"latent ids {latent_token_id}..{latent_token_id + num_latents - 1} "
-                                 f"do not fit the {self.cfg.text.vocab_size}-row embedding table")
+                self.grow_vocab(latent_token_id + num_latents)     # a base with no spare rows
             table = self.model.embed_tokens.weight
             std = table.float().std().item() if table.device.type != "meta" else 0.02
             init = torch.randn(num_latents, self.cfg.text.hidden_size, device=table.device) * std
             self.latent_embeds = nn.Parameter(init.to(table.dtype))
+
+    def grow_vocab(self, vocab_size):
+        """Grow the embedding table (and an untied head) to `vocab_size` rows, for latent ids past
+        the end of a base table that has no spare rows. The new rows are zeros and stay so: a
+        latent id's embedding is read from latent_embeds, and generate() never emits one."""
+        old = self.model.embed_tokens.weight                                     # (V, d)
+        extra = vocab_size - old.shape[0]
+        grown = lambda w: nn.Parameter(torch.cat([w.detach(), w.new_zeros(extra, w.shape[1])]),
+                                       requires_grad=w.requires_grad)            # (V + extra, d)
+        self.model.embed_tokens.weight = grown(old)
+        self.model.embed_tokens.num_embeddings = vocab_size
+        self.lm_head.weight = (self.model.embed_tokens.weight if self.cfg.text.tie_word_embeddings
+                               else grown(self.lm_head.weight))
+        self.lm_head.out_features = vocab_size
+        self.cfg.text.vocab_size = vocab_size
 
     def embed(self, input_ids, pixel_values, image_grid_thw, vision_layout=None):
         """Token embeddings with the latent rows and the image features in place. With a
@@ -656,23 +672,65 @@ def hub_key_map(m: Qwen25VL, layout="hub"):
 def _checkpoint_files(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(path, s) for s in shards]
+        weight_map = read_json(index, "index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: no \"weight_map\" of tensor -> shard file")
+        return [os.path.join(path, str(s)) for s in sorted(set(weight_map.values()))]
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):
         return [single]
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as it is: the message names the file and what is wrong."""
+
+
 def resolve(path_or_repo_id):
     """A local checkpoint directory as is, or a hub id fetched (weights, configs, tokenizer)."""
-    if os.path.isdir(path_or_repo_id):
-        return path_or_repo_id
-    if os.path.exists(path_or_repo_id) or path_or_repo_id.count("/") != 1:
-        raise FileNotFoundError(f"{path_or_repo_id}: not a checkpoint directory or a hub id")
+    p = str(path_or_repo_id)
+    if os.path.isdir(p):
+        return p
+    if os.path.exists(p):
+        raise FileNotFoundError(f"{p} is a file, not a checkpoint directory")
+    # a hub id is exactly "org/name"; anything that reads as a path is a missing directory
+    if p.count("/") != 1 or p.startswith((".", "~", os.sep)) or os.path.isdir(os.path.dirname(p)):
+        raise FileNotFoundError(f"{p}: no such directory (not a checkpoint directory or a hub id)")
     from huggingface_hub import snapshot_download
-    return snapshot_download(path_or_repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+    return snapshot_download(p, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+
+
+def read_json(file, what="file"):
+    """A JSON object from `file`, or a CheckpointError that names the file and the position."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: not a valid JSON {what} ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def read_config(path):
+    """Config from path/config.json; a missing or malformed key is named with the file."""
+    file = os.path.join(path, "config.json")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{path} has no config.json: not a Qwen2.5-VL checkpoint directory")
+    d = read_json(file, "config")
+    try:
+        return Config.from_dict(d)
+    except KeyError as e:
+        raise CheckpointError(f"{file}: missing key {e.args[0]!r}") from None
+    except (TypeError, ValueError, AssertionError, AttributeError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{file}: malformed config ({type(e).__name__}: {e})") from None
+
+
+def _safetensors_error(file, e):
+    return CheckpointError(f"{file}: not a readable safetensors file, truncated or corrupt "
+                           f"({type(e).__name__}: {e})")
 
 
 def load_pretrained(path_or_repo_id, dtype=torch.float32, device="cpu", num_latents=0,
@@ -682,15 +740,19 @@ def load_pretrained(path_or_repo_id, dtype=torch.float32, device="cpu", num_late
     or wrongly shaped tensor raises an error that names it and its file."""
     from safetensors import safe_open
     path = resolve(path_or_repo_id)
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = Config.from_dict(json.load(f))
+    cfg = read_config(path)
     with torch.device("meta"):
         m = Qwen25VL(cfg)
     files = _checkpoint_files(path)
     where = {}                                          # checkpoint key -> file (headers only)
     for file in files:
-        with safe_open(file, "pt") as f:
-            where.update({k: file for k in f.keys()})
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{file}: missing shard (named in {path}'s index)")
+        try:
+            with safe_open(file, "pt") as f:
+                where.update({k: file for k in f.keys()})
+        except Exception as e:             # safetensors' own error type for a bad header
+            raise _safetensors_error(file, e) from None
     new_layout = any(k.startswith(("model.visual.", "model.language_model.")) for k in where)
     key_map = hub_key_map(m, "new" if new_layout else "hub")
     expected = dict(m.state_dict())
@@ -702,7 +764,10 @@ def load_pretrained(path_or_repo_id, dtype=torch.float32, device="cpu", num_late
             for key in f.keys():
                 if key not in key_map:
                     continue
-                t = f.get_tensor(key)
+                try:
+                    t = f.get_tensor(key)
+                except Exception as e:     # the header promises more bytes than the file has
+                    raise _safetensors_error(file, e) from None
                 want = tuple(expected[key_map[key]].shape)
                 if tuple(t.shape) != want:
                     errors.append(f"tensor {key!r} in {file} has shape {tuple(t.shape)}, "
@@ -711,7 +776,7 @@ def load_pretrained(path_or_repo_id, dtype=torch.float32, device="cpu", num_late
                 state[key_map[key]] = t if dtype is None else t.to(dtype)
     if errors:
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise ValueError(f"cannot load {path}:\n  " + "\n  ".join(errors[:20]) + more)
+        raise CheckpointError(f"cannot load {path}:\n  " + "\n  ".join(errors[:20]) + more)
     m.load_state_dict(state, strict=False, assign=True)
     if cfg.text.tie_word_embeddings:
         m.lm_head.weight = m.model.embed_tokens.weight
@@ -779,54 +844,175 @@ def trainable_state(m: Qwen25VL):
 
 
 def save_livr(m: Qwen25VL, out_dir, meta, state=None, extra=None):
-    """A LIVR checkpoint directory: livr.json (base path, K, latent id, LoRA settings, stage...)
-    and weights.safetensors with the trainable tensors (`state`, default: m's trainable ones);
-    `extra` maps more file names to objects for torch.save. Written to a temporary directory
-    and renamed, so a killed run never leaves a half-written checkpoint behind."""
-    import shutil
+    """A LIVR checkpoint directory: livr.json (base path, K, latent id, LoRA settings, stage,
+    and the names of the tensors it holds) and weights.safetensors with the trainable tensors
+    (`state`, default: m's trainable ones). `extra` maps more file names to contents: a dict of
+    tensors for a .safetensors name, a JSON-able object for a .json name (never pickle).
+    Written to OUT.tmp with livr.json last -- its presence marks the directory complete -- then
+    swapped in (swap_in), so a kill at any point leaves a complete checkpoint to recover."""
     from safetensors.torch import save_file
     if m is not None:
         meta = {**meta, "num_latents": m.num_latents, "latent_token_id": m.latent_token_id}
         state = trainable_state(m) if state is None else state
-    tmp, old = out_dir.rstrip("/") + ".tmp", out_dir.rstrip("/") + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
+    meta = {**meta, "tensors": sorted(state)}
+    out_dir = out_dir.rstrip("/")
+    tmp = out_dir + ".tmp"
+    remove_checkpoint_dir(tmp)
     os.makedirs(tmp)
     save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()},
               os.path.join(tmp, "weights.safetensors"))
     for name, obj in (extra or {}).items():
-        torch.save(obj, os.path.join(tmp, name))
-    with open(os.path.join(tmp, "livr.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+        if name.endswith(".safetensors"):
+            save_file(obj, os.path.join(tmp, name))
+        elif name.endswith(".json"):
+            write_json(obj, os.path.join(tmp, name))
+        else:
+            raise ValueError(f"save_livr: {name}: extra files are .safetensors or .json")
+    write_json(meta, os.path.join(tmp, "livr.json"))         # last: the completeness marker
+    swap_in(tmp, out_dir)
+
+
+def write_json(obj, file):
+    """Whole or not at all: written beside and renamed, so a reader never sees half a file."""
+    with open(file + ".part", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(file + ".part", file)
+
+
+def remove_checkpoint_dir(path):
+    """Remove a checkpoint directory, its completeness marker first: a kill midway leaves an
+    incomplete directory, never one that looks complete with tensors missing."""
+    import shutil
+    if os.path.isfile(os.path.join(path, "livr.json")):
+        os.remove(os.path.join(path, "livr.json"))
+    shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        os.remove(path)
+
+
+def is_complete(path):
+    """A LIVR checkpoint directory whose writer finished: livr.json (written last) is there."""
+    return os.path.isfile(os.path.join(path, "livr.json"))
+
+
+def swap_in(tmp, out_dir):
+    """Replace out_dir by the complete directory tmp. At every moment one complete copy exists
+    under OUT, OUT.old or OUT.tmp; a stale OUT.old from an earlier kill is cleared first (while
+    OUT itself is complete), so it can never block the rename."""
+    old = out_dir + ".old"
     if os.path.exists(out_dir):
+        remove_checkpoint_dir(old)
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    remove_checkpoint_dir(old)
+
+
+def recover_checkpoint(out_dir):
+    """After a kill mid-save: if OUT is missing or incomplete, take the complete OUT.tmp (the
+    newer save, fully written) or else OUT.old (the previous one) in its place. Leftovers that
+    are not needed are removed. Returns True when OUT is a complete checkpoint afterwards."""
+    out_dir = out_dir.rstrip("/")
+    tmp, old = out_dir + ".tmp", out_dir + ".old"
+    if not is_complete(out_dir):
+        for candidate in (tmp, old):
+            if is_complete(candidate):
+                remove_checkpoint_dir(out_dir)
+                os.replace(candidate, out_dir)
+                break
+    if is_complete(out_dir):
+        remove_checkpoint_dir(tmp)
+        remove_checkpoint_dir(old)
+        return True
+    return False
+
+
+def required_tensors(m: Qwen25VL, meta):
+    """The tensors a LIVR checkpoint must hold: those its livr.json lists, and at least the
+    latent rows (K > 0) and every LoRA factor (a LoRA run)."""
+    listed = meta.get("tensors") or []
+    if not isinstance(listed, list) or not all(isinstance(k, str) for k in listed):
+        raise CheckpointError(f"livr.json: \"tensors\" must be a list of tensor names")
+    need = set(listed)
+    if m.num_latents:
+        need.add("latent_embeds")
+    need |= {k for k, _ in m.named_parameters() if "lora_" in k}
+    return need
+
+
+def check_state(weights, params, required, source):
+    """Raise CheckpointError naming every missing, unknown, mis-shaped and non-finite tensor.
+    weights: {name: tensor} read from `source`; params: {name: parameter} of the model (their
+    logical shapes, DTensors included); required: names that must be in `weights`."""
+    errors = [f"missing tensor {k!r}" for k in sorted(required) if k not in weights]
+    errors += [f"unknown tensor {k!r} (this model has no such trainable parameter)"
+               for k in sorted(weights) if k not in params]
+    errors += [f"tensor {k!r} has shape {tuple(v.shape)}, the model expects "
+               f"{tuple(params[k].shape)}" for k, v in sorted(weights.items())
+               if k in params and tuple(v.shape) != tuple(params[k].shape)]
+    errors += [f"tensor {k!r} holds non-finite values" for k, v in sorted(weights.items())
+               if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if errors:
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise CheckpointError(f"{source} is incomplete or does not fit the model:\n  "
+                              + "\n  ".join(errors[:20]) + more)
+
+
+def read_safetensors(file, device="cpu"):
+    """{name: tensor} from a safetensors file; a truncated or corrupt file is named."""
+    from safetensors.torch import load_file
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file}: no such file")
+    try:
+        return load_file(file, device=str(device))
+    except Exception as e:                # safetensors' own error type
+        raise _safetensors_error(file, e) from None
 
 
 def load_livr(path, dtype=torch.float32, device="cpu", merge=False):
     """A checkpoint from train.py (livr.json + weights.safetensors), or a plain hub checkpoint
-    (zero-shot). Returns (model, meta)."""
-    from safetensors.torch import load_file
+    (zero-shot, or a LIVR model written by export.py). Returns (model, meta). Complete or an
+    error: every missing, unknown or mis-shaped tensor is named (CheckpointError)."""
     meta_file = os.path.join(path, "livr.json")
     if not os.path.exists(meta_file):
-        return load_pretrained(path, dtype=dtype, device=device), {"base": path, "num_latents": 0}
-    with open(meta_file) as f:
-        meta = json.load(f)
+        m = load_pretrained(path, dtype=dtype, device=device)
+        exported = read_json(os.path.join(resolve(path), "config.json"), "config").get("livr") or {}
+        if exported.get("num_latents"):
+            k, first = exported["num_latents"], exported["latent_token_id"]
+            m.set_latents(k, first)
+            with torch.no_grad():     # the export wrote the latent rows into the table at their ids
+                m.latent_embeds.copy_(m.model.embed_tokens.weight[first:first + k])
+        return m, {"base": path, **exported, "num_latents": m.num_latents}
+    meta = read_json(meta_file, "LIVR checkpoint description")
+    missing = [k for k in ("base", "num_latents", "latent_token_id") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{meta_file}: missing key {missing[0]!r}")
+    if not isinstance(meta["num_latents"], int) or meta["num_latents"] < 0:
+        raise CheckpointError(f"{meta_file}: num_latents must be a whole number >= 0, "
+                              f"not {meta['num_latents']!r}")
     m = load_pretrained(meta["base"], dtype=dtype, device=device,
                         num_latents=meta["num_latents"], latent_token_id=meta["latent_token_id"])
     if meta.get("lora"):
-        add_lora(m, **meta["lora"])
-    weights = load_file(os.path.join(path, "weights.safetensors"), device=str(device))
+        lora = meta["lora"]
+        if not isinstance(lora, dict) or set(lora) - {"rank", "alpha", "dropout"}:
+            raise CheckpointError(f"{meta_file}: \"lora\" must be {{rank, alpha, dropout}}, not {lora!r}")
+        add_lora(m, **lora)
+    weights_file = os.path.join(path, "weights.safetensors")
+    weights = read_safetensors(weights_file, device)
     params = dict(m.named_parameters())
-    unknown = [k for k in weights if k not in params]
-    if unknown:
-        raise ValueError(f"{path}: weights.safetensors has tensors this model lacks: {unknown[:5]}")
+    check_state(weights, params, required_tensors(m, meta), weights_file)
     with torch.no_grad():
         for k, v in weights.items():
-            if params[k].shape != v.shape:
-                raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, model expects "
-                                 f"{tuple(params[k].shape)}")
             params[k].copy_(v)
     if merge:
         merge_lora(m)
     return m.eval(), meta
+
+
+if __name__ == "__main__":
+    # python model.py export RUN/stage2/final OUT: a plain hub checkpoint of a trained LIVR model,
+    # for transformers, lmms-eval and vLLM (the code is export.py's)
+    import sys
+    if sys.argv[1:2] != ["export"]:
+        sys.exit("usage: python model.py export CHECKPOINT OUT [--max-shard-size 5GB] [--dtype bf16]")
+    import export
+    sys.exit(export.main(sys.argv[2:], prog="model.py export"))

@@ -25,6 +25,7 @@ AdamW lr 1e-4 wd 0.01, per-device batch 1 x accumulation = effective batch 8, 5%
 cosine (a fresh schedule per stage), seed 42, loss on answer tokens only.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -81,7 +82,12 @@ def parse_args(argv=None):
                    help="validate every N optimizer steps (0: at the end of each epoch)")
     p.add_argument("--save-every", type=int, default=50, help="resumable checkpoint every N steps")
     p.add_argument("--log-every", type=int, default=5)
-    p.add_argument("--resume", action="store_true", help="continue RUN_DIR/stageN/last")
+    p.add_argument("--resume", action="store_true",
+                   help="continue RUN_DIR/stageN/last. What defines the run (--model shape, "
+                   "--latents, --mask, --train, LoRA, --epochs, --global-batch, --warmup, --seed, "
+                   "--max-len, --skip-bad) must match it, else the resume is refused; --lr, "
+                   "--weight-decay and --clip may change and are applied from the resumed step on "
+                   "(the new peak --lr under the same schedule), and the log says so")
     p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (debug)")
     p.add_argument("--dtype", choices=["bf16", "fp32"],
                    help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
@@ -94,6 +100,102 @@ class RunError(Exception):
     """Bad input: a message that says what to do; main() prints it and exits 2."""
 
 
+# (flag, lowest allowed value, whether the lowest is allowed): a value outside is an error,
+# never replaced by a default
+ARG_LIMITS = [("lr", 0, False), ("epochs", 0, False), ("batch_size", 1, True),
+              ("global_batch", 1, True), ("save_every", 1, True), ("log_every", 1, True),
+              ("latents", 0, True), ("lora_rank", 1, True), ("lora_alpha", 0, False),
+              ("lora_dropout", 0, True), ("weight_decay", 0, True), ("warmup", 0, True),
+              ("clip", 0, False), ("max_len", 1, True), ("eval_every", 0, True),
+              ("max_steps", 0, True)]
+
+
+def check_args(args):
+    """Every numeric flag finite and in range (RunError names the flag)."""
+    for name, low, inclusive in ARG_LIMITS:
+        v = getattr(args, name)
+        if v is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if not math.isfinite(v):
+            raise RunError(f"{flag} {v} is not a finite number")
+        if v < low or (v == low and not inclusive):
+            raise RunError(f"{flag} {v}: must be {'at least' if inclusive else 'more than'} {low}")
+    for name in ("lora_dropout", "warmup"):
+        if getattr(args, name) >= 1:
+            raise RunError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be below 1")
+
+
+# what a resumed run must share with the checkpoint: they define the model's shape, what is
+# trained, the sample order and the schedule
+RESUME_FIXED = ("latents", "mask", "train", "lora_rank", "lora_alpha", "lora_dropout", "epochs",
+                "global_batch", "warmup", "seed", "max_len", "skip_bad")
+RESUME_APPLIED = ("lr", "weight_decay", "clip")
+
+
+def hparams(args, mask_mode):
+    """The settings a checkpoint records so that --resume can compare them."""
+    return {**{k: getattr(args, k) for k in RESUME_FIXED + RESUME_APPLIED}, "mask": mask_mode}
+
+
+def check_resume(saved, now, path, log):
+    """Refuse a resume whose run-defining settings changed; say which applied ones changed."""
+    if not saved:
+        return
+    changed = [k for k in RESUME_FIXED if k in saved and saved[k] != now[k]]
+    if changed:
+        raise RunError(f"--resume: {path} was trained with " + ", ".join(
+            f"--{k.replace('_', '-')} {saved[k]}" for k in changed) + "; this run has " + ", ".join(
+            f"--{k.replace('_', '-')} {now[k]}" for k in changed) + ". These define the run "
+            "(model shape, what is trained, sample order, schedule): pass the checkpoint's values, "
+            "or start a new --run-dir")
+    for k in RESUME_APPLIED:
+        if k in saved and saved[k] != now[k]:
+            log(f"resume: --{k.replace('_', '-')} changed from {saved[k]:g} to {now[k]:g}, "
+                f"applied from the resumed step on")
+
+
+def read_hparams(path):
+    """The hyper-parameters recorded in path/trainer.json (None for a checkpoint without)."""
+    file = os.path.join(path, "trainer.json")
+    if not os.path.exists(file):
+        return None
+    try:
+        return qwen.read_json(file, "trainer state").get("hparams")
+    except qwen.CheckpointError as e:
+        raise RunError(str(e)) from None
+
+
+def apply_hparams(opt, sched, args):
+    """After restoring the trainer state: the (possibly new) --lr, --weight-decay on the same
+    schedule. The scheduler scales base_lrs by the lambda, so the new peak takes effect at once."""
+    factor = sched.lr_lambdas[0](sched.last_epoch)
+    sched.base_lrs = [args.lr for _ in sched.base_lrs]
+    for g in opt.param_groups:
+        g["initial_lr"], g["lr"], g["weight_decay"] = args.lr, args.lr * factor, args.weight_decay
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+
+
+def read_metrics(file, upto):
+    """metrics.jsonl lines up to step `upto` (what a killed run logged after its checkpoint is
+    dropped), tolerating a line torn by the kill."""
+    kept, torn = [], 0
+    if not os.path.exists(file):
+        return kept, torn
+    with open(file, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+                ok = isinstance(rec, dict) and isinstance(rec.get("step"), int)
+            except json.JSONDecodeError:
+                ok = False
+            if not ok:
+                torn += 1
+            elif rec["step"] <= upto:
+                kept.append(json.dumps(rec) + "\n")
+    return kept, torn
+
+
 # ----------------------------------------------------------------------------------------------
 # Distributed set-up: torchrun sets RANK/WORLD_SIZE; plain `python train.py` is one process
 
@@ -102,20 +204,23 @@ def setup_distributed():
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return 0, 1, dev
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":     # before the process group, so NCCL binds each rank to its own GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     if backend == "nccl":
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
+        return rank, world, torch.device("cuda", torch.cuda.current_device())
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     return rank, world, torch.device("cpu")
 
 
 def all_sum(*xs):
-    t = torch.tensor(xs, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t)
+    """Sum Python numbers over all processes. NCCL reduces only CUDA tensors, gloo CPU ones."""
+    if not dist.is_initialized():
+        return list(map(float, xs))
+    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(xs, dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
     return t.tolist()
 
 
@@ -216,11 +321,10 @@ def validate(m, batches, mask_mode):
         predicts[:, :-1] = labels[:, 1:] != -100
         pred = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"], mask=mask,
                  segment_ids=batch["segment_ids"], logits_at=predicts).argmax(-1)
-        ok = torch.ones(labels.shape[0], dtype=torch.bool)
+        ok = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
         row = predicts.nonzero()[:, 0]
-        wrong = (pred != labels[:, 1:][labels[:, 1:] != -100]).cpu()
-        ok[row[wrong].cpu()] = False
-        correct += float((ok.float() * weight).sum())
+        ok[row[pred != labels[:, 1:][labels[:, 1:] != -100]]] = False
+        correct += float((ok.cpu().float() * weight).sum())
         total += float(weight.sum())
     if pending:                       # one read-back for all prepared batches
         wrong = torch.cat([w for w, _ in pending]).cpu()
@@ -247,32 +351,133 @@ def full_state(m, opt):
     return {k: v for k, v in sd.items() if k in names}, get_optimizer_state_dict(m, opt, options=opts)
 
 
-def save_checkpoint(path, m, opt, sched, meta, trainer, rank):
-    weights, opt_state = full_state(m, opt)
+def rng_state(device):
+    """This process's random state: torch CPU, CUDA (the device's generator draws the LoRA
+    dropout masks on a GPU) and python's `random`."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def set_rng_state(rng, device):
+    torch.set_rng_state(rng["torch"].cpu())
+    random.setstate(rng["python"])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+
+
+def state_to_files(obj, tensors):
+    """Split a nested state (dicts, lists, tuples, tensors, numbers, strings) into a JSON-able
+    tree and {name: tensor} for safetensors: each tensor becomes {"__tensor__": name}, a tuple
+    {"__tuple__": [...]}, a dict with non-string keys {"__items__": [[key, value], ...]}
+    (the optimizer's state is keyed by parameter index). Tensors are moved to the CPU."""
+    if torch.is_tensor(obj):
+        name = f"t{len(tensors)}"
+        tensors[name] = obj.detach().cpu().contiguous()
+        return {"__tensor__": name}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [state_to_files(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [state_to_files(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: state_to_files(v, tensors) for k, v in obj.items()}
+        return {"__items__": [[k, state_to_files(v, tensors)] for k, v in obj.items()]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"trainer state holds a {type(obj).__name__}, which has no file form")
+
+
+def state_from_files(obj, tensors, source):
+    """Inverse of state_to_files; a tensor name the file lacks is named."""
+    if isinstance(obj, list):
+        return [state_from_files(v, tensors, source) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        if obj["__tensor__"] not in tensors:
+            raise RunError(f"{source}: trainer.safetensors lacks tensor {obj['__tensor__']!r}")
+        return tensors[obj["__tensor__"]]
+    if "__tuple__" in obj:
+        return tuple(state_from_files(v, tensors, source) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {k: state_from_files(v, tensors, source) for k, v in obj["__items__"]}
+    return {k: state_from_files(v, tensors, source) for k, v in obj.items()}
+
+
+def all_finite(state):
+    """True when every floating-point tensor in a nested state is finite."""
+    if torch.is_tensor(state):
+        return not state.is_floating_point() or bool(torch.isfinite(state).all())
+    if isinstance(state, dict):
+        return all(all_finite(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return all(all_finite(v) for v in state)
+    return True
+
+
+def save_checkpoint(path, m, opt, sched, meta, trainer, rank, device=torch.device("cpu")):
+    """A LIVR checkpoint (livr.json + weights.safetensors) plus the trainer's state, pickle-free:
+    trainer.json (step, best, args, hyper-parameters, scheduler, optimizer and RNG structure)
+    and trainer.safetensors (the optimizer's moments and every rank's RNG state). Refuses to
+    write non-finite weights or optimizer state."""
+    weights, opt_state = full_state(m, opt)
+    if not (all_finite(weights) and all_finite(opt_state)):   # the same verdict on every rank
+        raise RunError(f"not saving {path}: the weights or optimizer state are not finite")
+    rng = rng_state(device)
     rngs = [None] * dist.get_world_size() if dist.is_initialized() else [rng]
     if dist.is_initialized():
-        dist.all_gather_object(rngs, rng)
+        dist.all_gather_object(rngs, rng)       # in memory between this run's ranks, no file
     if rank == 0:
+        tensors = {}
+        tree = state_to_files({**trainer, "optimizer": opt_state, "scheduler": sched.state_dict(),
+                               "rng": rngs}, tensors)
         qwen.save_livr(None, path, meta, state=weights,
-                       extra={"trainer.pt": {**trainer, "optimizer": opt_state,
-                                             "scheduler": sched.state_dict(), "rng": rngs}})
+                       extra={"trainer.safetensors": tensors, "trainer.json": tree})
     if dist.is_initialized():
         dist.barrier()
 
 
-def load_trainer_state(path, m, opt, sched, rank):
-    state = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
-    if dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(m, opt, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
-    else:
-        opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    rng = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
+def read_trainer_state(path):
+    """The trainer state saved by save_checkpoint, as tensors on the CPU. Never unpickles: an
+    old trainer.pt is refused."""
+    if not os.path.exists(os.path.join(path, "trainer.json")):
+        if os.path.exists(os.path.join(path, "trainer.pt")):
+            raise RunError(f"{path}/trainer.pt is a pickle file, which could run code when loaded "
+                           "and is not read: this checkpoint is from an older train.py. Start the "
+                           "stage again, or pass its weights to stage 2 with --init")
+        raise RunError(f"{path} has no trainer.json: not a resumable checkpoint")
+    try:
+        tree = qwen.read_json(os.path.join(path, "trainer.json"), "trainer state")
+    except qwen.CheckpointError as e:
+        raise RunError(str(e)) from None
+    tensors = qwen.read_safetensors(os.path.join(path, "trainer.safetensors"))
+    state = state_from_files(tree, tensors, path)
+    missing = [k for k in ("step", "best", "optimizer", "scheduler", "rng") if k not in state]
+    if missing:
+        raise RunError(f"{path}/trainer.json: missing key {missing[0]!r}")
+    return state
+
+
+def load_trainer_state(path, m, opt, sched, rank, device=torch.device("cpu")):
+    """Restore optimizer, scheduler and RNG from `path` (read_trainer_state). Tensors come back
+    on the CPU: opt.load_state_dict / set_optimizer_state_dict move each one to its parameter's
+    device (and shard it under FSDP); the step counters stay on the CPU as AdamW keeps them."""
+    state = read_trainer_state(path)
+    try:
+        if dist.is_initialized():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(m, opt, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        rng = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]
+        set_rng_state(rng, device)
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise RunError(f"{path}: the trainer state does not fit this run "
+                       f"({type(e).__name__}: {e})") from None
     return state
 
 
@@ -281,7 +486,7 @@ def load_trainer_state(path, m, opt, sched, rank):
 def build_model(args, stage_init, base, processor, device):
     """The base model + latent rows + LoRA (or all LM weights) trainable; the rest frozen."""
     if stage_init:
-        m, meta = qwen.load_livr(stage_init, device="cpu")
+        m, meta = qwen.load_livr(stage_init, device="cpu")     # complete or CheckpointError
         if m.num_latents != args.latents:
             raise RunError(f"{stage_init} has {m.num_latents} latent tokens but --latents is "
                            f"{args.latents}: pass --latents {m.num_latents}")
@@ -304,6 +509,21 @@ def build_model(args, stage_init, base, processor, device):
     return m.to(device)
 
 
+def mixed_precision(m, compute_dtype, device):
+    """One device, as FSDP's MixedPrecisionPolicy does over several: trainable parameters (and
+    so AdamW's state) stay fp32 masters, frozen weights are stored in the compute dtype, and the
+    forward runs in it under autocast. Stepping bf16 weights directly would lose every update
+    smaller than half a bf16 ulp (lr 1e-4 on a weight of 0.02 is one ulp), so late in the
+    cosine schedule training would silently stop. Returns a context-manager factory for the
+    forward passes."""
+    if compute_dtype == torch.float32:
+        return contextlib.nullcontext
+    for p in m.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(compute_dtype)
+    return lambda: torch.autocast(device.type, dtype=compute_dtype)
+
+
 def to_device(batch, device):
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
             for k, v in batch.items()}
@@ -320,7 +540,7 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *a, **k: None)
     try:
         run(args, rank, world, device, log)
-    except (RunError, data.DataError, FileNotFoundError) as e:
+    except (RunError, data.DataError, qwen.CheckpointError, OSError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         if dist.is_initialized():
@@ -331,25 +551,27 @@ def main(argv=None):
 
 
 def run(args, rank, world, device, log):
+    check_args(args)
     demo = args.model is None
     if demo and device.type == "cpu":
         # the tiny model's matmuls are too small to split: extra threads only add wake-up costs
         torch.set_num_threads(1)
     if demo:
-        args.train = args.train or DEMO["train"]
-        args.lr = args.lr or DEMO["lr"]
-        args.batch_size = args.batch_size or DEMO["batch_size"]
-        args.epochs = args.epochs or DEMO["epochs"][args.stage]
+        for k in ("train", "lr", "batch_size"):
+            if getattr(args, k) is None:
+                setattr(args, k, DEMO[k])
+        if args.epochs is None:
+            args.epochs = DEMO["epochs"][args.stage]
         base, train_file, val_file = ensure_demo(args.run_dir, rank, DEMO["n_train"])
         args.data, args.val = args.data or train_file, args.val or val_file
     else:
         base = qwen.resolve(args.model)
         if not args.data:
             raise RunError("--model given without --data: pass a training set (.jsonl or .json)")
-    args.train = args.train or "lora"
-    args.lr = args.lr or 1e-4
-    args.batch_size = args.batch_size or 1
-    args.epochs = args.epochs or PAPER_EPOCHS[args.stage]
+    for k, default in (("train", "lora"), ("lr", 1e-4), ("batch_size", 1),
+                       ("epochs", PAPER_EPOCHS[args.stage])):
+        if getattr(args, k) is None:
+            setattr(args, k, default)
     mask_mode = args.mask or {1: "bottleneck", 2: "causal"}[args.stage]
     if args.global_batch % (args.batch_size * world):
         raise RunError(f"--global-batch {args.global_batch} is not a multiple of "
@@ -359,16 +581,33 @@ def run(args, rank, world, device, log):
     init = None
     if args.stage == 2:
         init = args.init or os.path.join(args.run_dir, "stage1", "final")
+        if rank == 0:
+            qwen.recover_checkpoint(init)       # a kill while stage 1 wrote `final`
+        if dist.is_initialized():
+            dist.barrier()
         if not os.path.exists(os.path.join(init, "livr.json")):
             raise RunError(f"stage 2 starts from a stage-1 checkpoint, and {init} has none: "
                            f"run `train.py --stage 1` first (same --run-dir) or pass --init")
-    if args.resume and not os.path.exists(os.path.join(stage_dir, "last", "trainer.pt")):
-        raise RunError(f"--resume: no checkpoint at {stage_dir}/last to resume from")
+    if args.resume:
+        if rank == 0:               # a kill mid-save: a complete last.tmp / last.old takes over
+            for name in ("last", "best"):
+                qwen.recover_checkpoint(os.path.join(stage_dir, name))
+        if dist.is_initialized():
+            dist.barrier()
+        if not qwen.is_complete(os.path.join(stage_dir, "last")):
+            raise RunError(f"--resume: no checkpoint at {stage_dir}/last to resume from")
+        saved_hparams = read_hparams(os.path.join(stage_dir, "last"))
+        check_resume(saved_hparams, hparams(args, mask_mode), os.path.join(stage_dir, "last"), log)
 
     # data: every sample encoded once, up front
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    processor = data.Processor.from_pretrained(base, num_latents=args.latents)
+    try:
+        processor = data.Processor.from_pretrained(base, num_latents=args.latents)
+    except FileNotFoundError:
+        raise
+    except Exception as e:          # tokenizers' and json's own error types
+        raise RunError(f"cannot read the tokenizer in {base}: {type(e).__name__}: {e}") from None
     train_records = data.load_dataset(args.data, skip_bad=args.skip_bad, max_len=args.max_len,
                                       processor=processor)
     val_records = data.load_dataset(args.val, skip_bad=args.skip_bad, max_len=args.max_len,
@@ -381,12 +620,16 @@ def run(args, rank, world, device, log):
     compute_dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     if dist.is_initialized():
         shard_model(m, compute_dtype, device)
-    elif compute_dtype != torch.float32:
-        m.to(compute_dtype)   # one device: bf16 weights; the optimizer still steps them
+        autocast = contextlib.nullcontext        # FSDP casts the parameters itself
+    else:
+        autocast = mixed_precision(m, compute_dtype, device)
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=args.weight_decay)
     steps_per_epoch = len(train_set) // args.global_batch
+    if steps_per_epoch == 0:
+        raise RunError(f"{args.data} has {len(train_set)} usable record(s), fewer than one optimizer "
+                       f"step's --global-batch {args.global_batch}: add data or lower --global-batch")
     total_steps = max(1, int(steps_per_epoch * args.epochs))
     warmup = max(1, int(args.warmup * total_steps))
 
@@ -402,12 +645,15 @@ def run(args, rank, world, device, log):
             {"rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout}}
     step, best = 0, -1.0
     if args.resume:
-        state = load_trainer_state(os.path.join(stage_dir, "last"), m, opt, sched, rank)
-        _restore_weights(m, os.path.join(stage_dir, "last"))
+        last = os.path.join(stage_dir, "last")
+        state = load_trainer_state(last, m, opt, sched, rank, device)
+        apply_hparams(opt, sched, args)
+        _restore_weights(m, last)
         step, best = state["step"], state["best"]
         if rank == 0:   # drop what a killed run logged after its last checkpoint
-            with open(os.path.join(stage_dir, "metrics.jsonl")) as f:
-                kept = [l for l in f if json.loads(l)["step"] <= step]
+            kept, torn = read_metrics(os.path.join(stage_dir, "metrics.jsonl"), step)
+            if torn:
+                log(f"resume: dropped {torn} unreadable line(s) of metrics.jsonl (torn by the kill)")
             with open(os.path.join(stage_dir, "metrics.jsonl"), "w") as f:
                 f.writelines(kept)
         log(f"resumed {stage_dir}/last at step {step}")
@@ -428,15 +674,23 @@ def run(args, rank, world, device, log):
         f"{args.global_batch} | {world} x {device.type} | lr {args.lr:g}")
     metrics = os.path.join(stage_dir, "metrics.jsonl")
 
+    # checkpoints this run can name as finite (none is ever saved otherwise), newest last
+    saved = [init] if init else []
+    if args.resume:
+        saved.append(os.path.join(stage_dir, "last"))
+
     def checkpoint(name):
         save_checkpoint(os.path.join(stage_dir, name), m, opt, sched, meta,
-                        {"step": step, "best": best, "args": vars(args)}, rank)
+                        {"step": step, "best": best, "args": vars(args),
+                         "hparams": hparams(args, mask_mode)}, rank, device)
+        saved.append(os.path.join(stage_dir, name))
 
     def evaluate_and_keep_best():
         nonlocal best
         if not val_batches:
             return
-        acc = validate(m, val_batches, mask_mode)
+        with autocast():
+            acc = validate(m, val_batches, mask_mode)
         log(f"step {step} | val accuracy {100 * acc:.1f}%")
         if rank == 0:
             with open(metrics, "a") as f:
@@ -447,6 +701,7 @@ def run(args, rank, world, device, log):
 
     m.train()
     t0, tokens_seen, start_step = time.time(), 0, step
+    bad_steps = 0                    # consecutive non-finite steps
     while step < total_steps:
         # the global batch for this step: a seeded permutation per epoch, so a resumed run sees
         # exactly the samples the uninterrupted one would
@@ -461,26 +716,36 @@ def run(args, rank, world, device, log):
         (n_tokens,) = all_sum(n_local)
         loss_sum = 0.0
         for i, batch in enumerate(micro):
-            ce, _ = compute_loss(m, batch, mask_mode)
+            with autocast():
+                ce, _ = compute_loss(m, batch, mask_mode)
             # FSDP averages gradients over ranks; scale so the step sees the global token mean
             (ce * world / n_tokens).backward()
             loss_sum += ce.item()
             tokens_seen += int(batch["input_ids"].numel())
         (loss_total,) = all_sum(loss_sum)
         loss = loss_total / n_tokens
-        if not math.isfinite(loss):
-            raise RunError(f"non-finite loss ({loss}) at step {step}: stopping; the last good "
-                           f"checkpoint is {stage_dir}/last. Try a lower --lr.")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
+        grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(params, args.clip))
         lr = sched.get_last_lr()[0]
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
+        # loss is all-reduced and the norm is over the full (reduced) gradient, so every rank
+        # takes the same decision here
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            opt.step()
+            bad_steps = 0
+        else:
+            bad_steps += 1
+            log(skip_message(step, loss, grad_norm, saved))
+            if bad_steps >= MAX_BAD_STEPS:
+                raise RunError(f"{bad_steps} non-finite steps in a row (last at step {step + 1}): "
+                               f"stopping. {finite_checkpoint_note(saved)} Try a lower --lr.")
+        opt.zero_grad(set_to_none=True)  # a skipped step applies nothing
+        sched.step()                     # the schedule and sample order go on as if stepped
         step += 1
         if rank == 0:
+            rec = ({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm} if finite else
+                   {"step": step, "skipped": f"loss {loss}, grad norm {grad_norm}", "lr": lr})
             with open(metrics, "a") as f:
-                f.write(json.dumps({"step": step, "loss": loss, "lr": lr,
-                                    "grad_norm": float(grad_norm)}) + "\n")
+                f.write(json.dumps(rec) + "\n")
         if step % args.log_every == 0 or step == total_steps:
             dt = time.time() - t0
             eta = dt / (step - start_step) * (total_steps - step)
@@ -501,20 +766,50 @@ def run(args, rank, world, device, log):
     # final = the best validation checkpoint (the paper reports that one), else the last
     if rank == 0:
         src = os.path.join(stage_dir, "best" if val_batches else "last")
-        dst = os.path.join(stage_dir, "final")
-        shutil.rmtree(dst + ".tmp", ignore_errors=True)
-        shutil.copytree(src, dst + ".tmp", ignore=shutil.ignore_patterns("trainer.pt"))
-        shutil.rmtree(dst, ignore_errors=True)
-        os.replace(dst + ".tmp", dst)
+        copy_checkpoint(src, os.path.join(stage_dir, "final"))
     log(f"stage {args.stage} done: {stage_dir}/final" +
         (f" (best val accuracy {100 * best:.1f}%)" if val_batches else ""))
 
 
+MAX_BAD_STEPS = 3
+
+
+def grad_norm_value(norm):
+    """clip_grad_norm_'s total norm as a float; under FSDP a replicated DTensor."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def finite_checkpoint_note(saved):
+    if saved:
+        return f"The last checkpoint, finite, is {saved[-1]}."
+    return "No checkpoint was saved in this stage yet."
+
+
+def skip_message(step, loss, grad_norm, saved):
+    return (f"step {step + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} "
+            f"(loss {loss}, grad norm {grad_norm}): step skipped, weights unchanged. "
+            + finite_checkpoint_note(saved))
+
+
+def copy_checkpoint(src, dst):
+    """src's weights and livr.json (no trainer state) to dst, livr.json last, swapped in whole."""
+    tmp = dst + ".tmp"
+    qwen.remove_checkpoint_dir(tmp)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("trainer.*", "livr.json*"))
+    qwen.write_json(qwen.read_json(os.path.join(src, "livr.json")), os.path.join(tmp, "livr.json"))
+    qwen.swap_in(tmp, dst)
+
+
 def _restore_weights(m, path):
-    from safetensors.torch import load_file
-    weights = load_file(os.path.join(path, "weights.safetensors"))
+    """The trainable weights of `path`, every one of them: a missing, unknown or mis-shaped
+    tensor is a CheckpointError that names it (DTensor shapes are the full ones)."""
+    file = os.path.join(path, "weights.safetensors")
+    weights = qwen.read_safetensors(file)
+    trainable = {k: p for k, p in m.named_parameters() if p.requires_grad}
+    qwen.check_state(weights, trainable, set(trainable), file)
     if dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        # strict=False only because the frozen weights are not in the file (checked above)
         set_model_state_dict(m, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     else:
         params = dict(m.named_parameters())

@@ -235,3 +235,48 @@ def test_prepared_batches_give_the_same_loss_and_accuracy(demo):
         assert train.validate(m, [(prepared, weight)], mode) == acc
         if mode == "bottleneck":      # the mode row 0's labels were made in
             assert acc == pytest.approx(1 / 3)
+
+
+# --- one device in bf16: fp32 masters ---------------------------------------------------------
+
+def test_one_device_bf16_keeps_fp32_masters(demo):
+    """bf16 compute on one device (here the CPU) keeps trainable tensors and AdamW's state in
+    fp32: a step of ~lr = 1e-5 on latent rows of size ~0.1 is below half a bf16 ulp, so a bf16
+    weight would not move at all; the fp32 master must."""
+    a = train.parse_args(["--stage", "1", "--latents", "4", "--train", "lora"])
+    proc = data.Processor.from_pretrained(demo["base"], num_latents=4)
+    m = train.build_model(a, None, demo["base"], proc, torch.device("cpu"))
+    autocast = train.mixed_precision(m, torch.bfloat16, torch.device("cpu"))
+    params = [p for p in m.parameters() if p.requires_grad]
+    assert params and all(p.dtype == torch.float32 for p in params)
+    assert all(p.dtype == torch.bfloat16 for p in m.parameters() if not p.requires_grad)
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    batch = data.collate([proc.encode(r) for r in data.load_dataset(demo["train"])[:2]], proc.pad_id)
+    before = m.latent_embeds.detach().clone()
+    with autocast():
+        ce, n = train.compute_loss(m, batch, "bottleneck")
+        logits = m(batch["input_ids"][:1, :8])
+    assert logits.dtype == torch.bfloat16                   # the compute ran in bf16
+    (ce / n).backward()
+    opt.step()
+    assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
+    step = (m.latent_embeds.detach() - before).abs()
+    assert 2e-6 < step.mean() < 5e-5                         # about lr per element
+    # ... which bf16 weights would have rounded away: the same rows cast to bf16 are unchanged
+    lost = before.bfloat16() == m.latent_embeds.detach().bfloat16()
+    assert lost.float().mean() > 0.9
+
+
+def test_bf16_run_steps_fp32_masters(demo, tmp_path):
+    """train.py itself in bf16 on one device: two runs that differ only in lr (1e-5 vs 2e-5)
+    end one step later with latent rows ~1e-5 apart. Stepping bf16 weights would leave both
+    runs' rows at their (identical) initial bf16 values."""
+    rows = []
+    for lr in ("1e-5", "2e-5"):
+        run = tmp_path / lr
+        train.main(args(demo, run, "--stage", "1", "--latents", "4", "--dtype", "bf16",
+                        "--lr", lr, "--warmup", "0", "--max-steps", "1", "--epochs", "1"))
+        m, _ = model.load_livr(str(run / "stage1" / "last"))
+        rows.append(m.latent_embeds.detach())
+    diff = (rows[0] - rows[1]).abs().mean()
+    assert 2e-6 < diff < 5e-5, diff
