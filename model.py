@@ -205,7 +205,7 @@ def block_attention(q, k, v, blocks):
     (B, L, nh, hd)."""
     B, nh, L, hd = q.shape
     rows, end = [[] for _ in range(B)], [0] * B
-    gap = lambda n: q.new_zeros(1, n, nh, hd)
+    gap = lambda n: v.new_zeros(1, n, nh, hd)      # v: the dtype SDPA returns (also under autocast)
     for b, s, e, mask in blocks:              # in order along each row, not overlapping
         if s > end[b]:
             rows[b].append(gap(s - end[b]))
