@@ -6,6 +6,12 @@ weights, the same inputs, one run. Every ratio is ours / transformers.
               up,down plus the K=16 latent rows, under the bottleneck mask, batch 1 of 2-image
               samples (the paper's per-device batch): tokens/s, and the peak memory the step adds
               to the loaded model, activation checkpointing off and on.
+  1b. step    one optimizer step of the paper's global batch of 8 BLINK-like samples (1-4 images
+              of 224-672 px, half that on a CPU; 40-200 prompt tokens), same trainable set and
+              mask: ours packed into as few micro-batches as --micro-batch-tokens allows
+              (data.pack + model.prepare_batch, made on the host as the data pipeline does),
+              transformers at batch 1 with accumulation 8. Samples/s, tokens/s, peak memory, and
+              on a GPU the model FLOPs utilisation (train_step_mfu).
   2. vision   encoder forward, images/s at 448x448 and 896x896 (transformers with sdpa).
   3. decode   greedy decoding with a KV cache, tokens/s of the decode steps alone, batch 1 and 8,
               and batch 1 on the tiny demo model, where per-token overhead is all there is.
@@ -55,12 +61,17 @@ import train
 
 K = 16                         # LIVR's latent tokens
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-TARGETS = {  # issue 6: (comparison, target)
+TARGETS = {  # issues 6 and 10: (comparison, target)
     "train_speedup": (">=", 1.3), "train_mem_ratio": ("<=", 0.85), "vision_speedup": (">=", 1.15),
     "decode_speedup": (">=", 1.0), "decode_speedup_tiny": (">=", 2.0),
     "packing_efficiency": (">=", 0.95), "train_gemm_fraction": (">=", 0.85),
-    "decode_roofline_fraction": (">=", 0.8),
+    "decode_roofline_fraction": (">=", 0.8), "train_step_speedup": (">=", 2.5),
 }
+GPU_TARGETS = {"train_step_speedup": (">=", 5.0), "train_step_mfu": (">=", 0.40)}  # issue 10, one H100
+
+
+def targets(r):
+    return {**TARGETS, **(GPU_TARGETS if r["device"].startswith("cuda") else {})}
 PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L40S": 362, "L4": 121}  # dense
 
 
@@ -150,8 +161,29 @@ def train_batches(cfg, n, px, seed=0):
             for i in range(n)]
 
 
+def blink_like_samples(cfg, n, px, prompt, seed=0):
+    """n encoded samples with blink_like_lengths' mix: 1-4 images (1 most often), each side drawn
+    from px = (lo, hi) in steps of 28, a prompt of prompt = (lo, hi) tokens, K latents and a
+    1-token answer + <|im_end|>."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
+    n_images = torch.multinomial(torch.tensor([0.4, 0.3, 0.2, 0.1]), n, replacement=True, generator=g) + 1
+    side = lambda: 28 * r(px[0] // 28, px[1] // 28)
+    return [encoded(cfg, g, [(side(), side()) for _ in range(int(k))], n_text=r(*prompt), n_answer=1)
+            for k in n_images]
+
+
+def trim(packed, multiple=64):
+    """A data.pack row cut after its last sample, rounded up to a multiple of 64 tokens: the
+    budget bounds a micro-batch, the tokens computed are the ones it holds."""
+    n = int((packed["segment_ids"] > 0).sum(1).max())
+    L = min(packed["input_ids"].shape[1], -(-n // multiple) * multiple)
+    return {k: v[:, :L] if torch.is_tensor(v) and v.dim() == 2 and k not in ("pixel_values", "image_grid_thw")
+            else v for k, v in packed.items()}
+
+
 def to(batch, device):
-    return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,9 +284,15 @@ def hf_loss(ref, b):
 
 def train_worker(a):
     """Build one side, warm up, then answer the parent: 'pass' times one pass over the timed
-    batches; 'finish' reports peak memory (and the profile / largest batch when asked)."""
+    steps; 'finish' reports peak memory (and the profile / largest batch when asked).
+    a.global_batch = 0: steps of one batch-1 sample each (train_batches); else optimizer steps of
+    a.global_batch BLINK-like samples: ours packed into micro-batches of at most a.micro_tokens
+    tokens, transformers one sample per micro-batch, both accumulating to one AdamW step. Our
+    batches are prepared on the host first (model.prepare_batch), as the data pipeline does."""
     dev, dt = a.device, DTYPES[a.dtype]
-    if a.side == "ours":
+    cfg = read_config(a.path)
+    ours = a.side == "ours"
+    if ours:
         m = load_ours(a.path, dev, dt)
         torch.manual_seed(0)
         m.set_latents(K, latent_id(m.cfg.text.vocab_size))
@@ -274,36 +312,72 @@ def train_worker(a):
     m.train()
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    batches = [to(b, dev) for b in train_batches(read_config(a.path), a.warmup + a.steps, a.px)]
+    prep = (lambda b: model.prepare_batch(b, cfg)) if ours else (lambda b: b)
+    if a.global_batch:
+        G = a.global_batch
+        samples = blink_like_samples(cfg, G * (a.warmup + a.steps), a.step_px, a.step_prompt)
+        groups = [samples[i:i + G] for i in range(0, len(samples), G)]
+        split = (lambda grp: [trim(b) for b in data.pack(grp, a.micro_tokens)]) if ours else \
+            (lambda grp: [data.collate([s], 0) for s in grp])
+        t0 = time.perf_counter()
+        steps = [[prep(b) for b in split(grp)] for grp in groups]
+        host_s = (time.perf_counter() - t0) / len(groups)
+        steps = [[to(b, dev) for b in micro] for micro in steps]
+        # answer tokens per step, counted on the host (each sample's first token is unlabelled)
+        counts = [sum(int((s["labels"] != -100).sum()) for s in grp) for grp in groups]
+        real = [sum(len(s["input_ids"]) for s in grp) for grp in groups]
+    else:
+        raw = train_batches(cfg, a.warmup + a.steps, a.px)
+        steps = [[to(prep(b), dev)] for b in raw]
+        counts = [int((b["labels"] != -100).sum()) for b in raw]
+        real = [b["input_ids"].numel() for b in raw]
+        host_s = 0.0
 
-    def step(b):
-        loss, n = loss_fn(b)
-        (loss / n).backward()
+    def step(micro, n):
+        total = 0.0
+        for b in micro:
+            loss, _ = loss_fn(b)
+            (loss / n).backward()
+            total = total + loss.detach()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.item() / n
+        return float(total) / n                   # one read-back per optimizer step
 
+    @torch.no_grad()
+    def check_loss(micro, n):                     # dropout off: both sides must agree
+        m.eval()
+        total = sum(float(loss_fn(b)[0]) for b in micro)
+        m.train()
+        return total / n
+
+    loss_nodrop = check_loss(steps[0], counts[0]) if a.global_batch else None
     torch.manual_seed(1)                          # the same LoRA dropout draws on both sides
     base = memory_reset(dev)
-    loss0 = step(batches[0])
-    for b in batches[1:a.warmup]:
-        step(b)
-    timed = batches[a.warmup:]
-    reply(dict(loss0=loss0, tokens=sum(b["input_ids"].numel() for b in timed),
-               trainable=sum(p.numel() for p in params)))
+    loss0 = step(steps[0], counts[0])
+    for i in range(1, a.warmup):
+        step(steps[i], counts[i])
+    timed = list(zip(steps, counts))[a.warmup:]
+    reply(dict(loss0=loss0, loss_no_dropout=loss_nodrop, tokens=sum(real[a.warmup:]),
+               samples=(a.global_batch or 1) * a.steps, micro_batches=sum(len(x) for x, _ in timed),
+               host_prepare_s=host_s, trainable=sum(p.numel() for p in params)))
     while sys.stdin.readline().strip() == "pass":
         sync(dev)
         t0 = time.perf_counter()
-        for b in timed:
-            step(b)
+        for micro, n in timed:
+            step(micro, n)
         sync(dev)
-        reply(dict(seconds=time.perf_counter() - t0))
+        seconds = time.perf_counter() - t0
+        if str(dev).startswith("cuda"):
+            torch.cuda.empty_cache()              # both sides share the GPU: free the cache between turns
+        reply(dict(seconds=seconds))
     peak = memory_peak(dev)
     out = dict(step_mb=peak - base, peak_mb=peak)
     if a.profile:
-        out.update(gemm_profile(lambda: step(timed[-1]), dev))
+        out.update(gemm_profile(lambda: step(*timed[-1]), dev))
     if a.max_batch:
-        out.update(max_batch=max_batch(step, timed[-1]))
+        one = raw[-1]
+        out.update(max_batch=max_batch(
+            lambda B: step([to(prep({k: v.repeat(B, 1) for k, v in one.items()}), dev)], B * counts[-1])))
     reply(out)
 
 
@@ -316,7 +390,9 @@ class Worker:
 
     def __init__(self, args, **kw):
         a = dict(preset=args.preset, device=args.device, dtype=args.dtype, steps=args.steps,
-                 warmup=args.warmup, px=args.px, threads=args.threads, **kw)
+                 warmup=args.warmup, px=args.px, threads=args.threads, global_batch=0,
+                 micro_tokens=args.micro_batch_tokens, step_px=args.step_px, step_prompt=args.step_prompt)
+        a.update(kw)
         self.err = tempfile.TemporaryFile(mode="w+")
         self.p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(a)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True)
@@ -364,6 +440,35 @@ def bench_train(args, path):
     return res
 
 
+def bench_train_step(args, path, cfg):
+    """One optimizer step of the paper's global batch (BLINK-like samples, stage-1 mask, LoRA +
+    latents): ours packed into micro-batches of --micro-batch-tokens, transformers at batch 1
+    with accumulation. Same turn-taking as bench_train."""
+    w = {side: Worker(args, path=path, side=side, ckpt=False, profile=False, max_batch=False,
+                      global_batch=args.global_batch, steps=args.step_steps, warmup=args.step_warmup)
+         for side in ("ours", "hf")}
+    r = {side: w[side].ask() for side in w}
+    best = {side: float("inf") for side in w}
+    for _ in range(args.step_rounds):
+        for side in w:
+            best[side] = min(best[side], w[side].ask("pass")["seconds"])
+    for side in w:
+        x = r[side]
+        x.update(w[side].finish(), samples_per_s=x["samples"] / best[side],
+                 tokens_per_s=x["tokens"] / best[side], step_s=best[side] / args.step_steps)
+    # model FLOPs per step, the same for both sides: each sample on its own (train_flops)
+    samples = blink_like_samples(cfg, args.global_batch * (args.step_warmup + args.step_steps),
+                                 args.step_px, args.step_prompt)[args.global_batch * args.step_warmup:]
+    r["flops_per_step"] = sum(train_flops(cfg, data.collate([s], 0)) for s in samples) / args.step_steps
+    o, h = r["ours"], r["hf"]
+    log(f"  global batch {args.global_batch}: {o['samples_per_s']:.2f} vs {h['samples_per_s']:.2f} samples/s "
+        f"({o['tokens_per_s']:.0f} vs {h['tokens_per_s']:.0f} tokens/s; ours in "
+        f"{o['micro_batches'] / args.step_steps:.1f} micro-batches, transformers in {args.global_batch}), "
+        f"+{o['step_mb']:.0f} vs +{h['step_mb']:.0f} MB, loss without dropout "
+        f"{o['loss_no_dropout']:.6f} vs {h['loss_no_dropout']:.6f}")
+    return r
+
+
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_scaled_mm"}
 
 
@@ -392,12 +497,13 @@ def gemm_profile(step, device, reps=3):
                 top_ops=[(k, round(t / total, 4), n) for k, t, n in sorted(ev, key=lambda e: -e[1])[:12]])
 
 
-def max_batch(step, b):
-    """Largest batch (copies of one sample, doubling) whose training step fits in GPU memory."""
+def max_batch(step_of):
+    """Largest batch (copies of one sample, doubling) whose training step fits in GPU memory;
+    step_of(B) runs the step on B copies."""
     B, best = 1, 0
     while B <= 1024:
         try:
-            step({k: v.repeat(B, 1) for k, v in b.items()})       # every tensor here is 2-D
+            step_of(B)
             best, B = B, 2 * B
         except torch.OutOfMemoryError:
             break
@@ -544,8 +650,8 @@ def geomean(xs):
     return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
 
-def met(key, value):
-    op, x = TARGETS[key]
+def met(key, value, r):
+    op, x = targets(r)[key]
     return value <= x if op == "<=" else value >= x
 
 
@@ -556,6 +662,10 @@ def table(r):
             ("train step, tokens/s (act. ckpt)", *pair("ours_ckpt", "hf_ckpt", "tokens_per_s")),
             ("train step, peak MB added", *pair("ours", "hf", "step_mb")),
             ("train step, peak MB added (act. ckpt)", *pair("ours_ckpt", "hf_ckpt", "step_mb"))]
+    ts, G = r["train_step"], r["global_batch"]
+    rows += [(f"optimizer step of {G} BLINK-like samples (ours packed), {name}", ts["ours"][key], ts["hf"][key])
+             for name, key in (("samples/s", "samples_per_s"), ("tokens/s", "tokens_per_s"),
+                               ("peak MB added", "step_mb"))]
     rows += [(f"vision {px}x{px}, images/s", x["ours"], x["hf"]) for px, x in r["vision"].items()]
     rows += [(f"decode batch {b}, tokens/s", x["ours"], x["hf"]) for b, x in r["decode"].items()]
     rows += [("decode batch 1, tiny demo model, tokens/s", r["decode_tiny"]["ours"], r["decode_tiny"]["hf"])]
@@ -568,8 +678,8 @@ def table(r):
             f"vs padded in batches of {v['batch_size']} | {v['packed']:.3f} | {v['padded']:.3f} | |"
             for k, v in pk.items()]
     out += ["", "| key | value | target | met |", "|---|---:|---:|:---:|"]
-    out += [f"| {k} | {r[k]:.3f} | {op} {x} | {'yes' if met(k, r[k]) else 'NO'} |"
-            for k, (op, x) in TARGETS.items()]
+    out += [f"| {k} | {r[k]:.3f} | {op} {x} | {'yes' if met(k, r[k], r) else 'NO'} |"
+            for k, (op, x) in targets(r).items() if k in r]
     extra = [f"train_mem_ratio with activation checkpointing: {r['train_mem_ratio_ckpt']:.3f}",
              f"first training loss, ours vs transformers: {tr['ours']['loss0']:.6f} vs "
              f"{tr['hf']['loss0']:.6f}",
@@ -578,9 +688,17 @@ def table(r):
              + ", ".join(f"{k} {s:.0%}" for k, s, _ in tr["ours"]["top_ops"][:6]),
              f"decode bound: {r['copy_bandwidth_gbs']:.1f} GB/s copy / {r['decode_weight_bytes'] / 1e6:.0f} "
              f"MB of weights = {r['decode_bound_tokens_per_s']:.1f} tokens/s"]
+    o, h = ts["ours"], ts["hf"]
+    extra.append(f"optimizer step of {G}: ours in {o['micro_batches'] / o['samples'] * G:.1f} packed micro-batches "
+                 f"of <= {r['micro_batch_tokens']} tokens ({o['host_prepare_s'] * 1e3:.0f} ms on the host to "
+                 f"pack and prepare, off the step), transformers in {G} of batch 1; loss with dropout off "
+                 f"{o['loss_no_dropout']:.6f} vs {h['loss_no_dropout']:.6f}")
     if "mfu" in r:
         extra.append(f"model FLOPs utilisation (ours, batch 1): {r['mfu']:.1%}; "
                      f"largest batch that fits (act. ckpt): {tr['max_batch_ckpt']}")
+    if "train_step_mfu" in r:
+        extra.append(f"model FLOPs utilisation, optimizer step of {G}: ours {r['train_step_mfu']:.1%}, "
+                     f"transformers {r['train_step_mfu_hf']:.1%} ({ts['flops_per_step'] / 1e12:.1f} TFLOP a step)")
     return "\n".join(out + [""] + extra)
 
 
@@ -593,6 +711,10 @@ def main():
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="JSON on stdout, the table on stderr")
     p.add_argument("--quick", action="store_true", help="toy sizes: checks that it runs, nothing more")
+    p.add_argument("--global-batch", type=int, default=8, help="samples per optimizer step (the paper's 8)")
+    p.add_argument("--micro-batch-tokens", type=int, default=None,
+                   help="token budget of our packed micro-batches in the global-batch step (default: "
+                        "4096 on a GPU, where the 3B's activations take ~6 MB a token; 8192 on CPU)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
@@ -606,10 +728,18 @@ def main():
     args.vision_px, args.vision_n = ([56, 112], [2, 1]) if q else ([448, 896], [2, 1])
     args.decode_px, args.decode_tokens = (56, 16) if q else (224, 32)
     args.pack_n, args.pack_len = (16, (512, 4096)) if q else (1024, (1024, 4096))
+    # the global-batch step: BLINK-like prompts and 1-4 images of 224-672 px; on a CPU, images of
+    # half the side and one timed pass, or transformers' side alone would take minutes a step
+    gpu = args.device.startswith("cuda")
+    args.micro_batch_tokens = args.micro_batch_tokens or (4096 if gpu else 8192)
+    args.step_px = (56, 84) if q else (224, 672) if gpu else (112, 336)
+    args.step_prompt = (10, 30) if q else (40, 200)
+    args.step_steps, args.step_warmup, args.step_rounds = (2, 1, 2) if gpu and not q else (1, 0, 1)
 
     r = dict(preset=args.preset, device=args.device, dtype=args.dtype, machine=machine(args.device),
              torch=torch.__version__, transformers=__import__("transformers").__version__,
-             threads=torch.get_num_threads(), load_average_start=os.getloadavg())
+             threads=torch.get_num_threads(), load_average_start=os.getloadavg(),
+             global_batch=args.global_batch, micro_batch_tokens=args.micro_batch_tokens)
     log(f"{r['preset']} preset, {r['dtype']}, {r['device']}: {r['machine']}, {r['threads']} threads")
     if args.device == "cpu" and r["load_average_start"][0] > 1:
         log(f"warning: load average {r['load_average_start'][0]:.1f}: if other jobs are running, the "
@@ -622,6 +752,8 @@ def main():
         cfg = read_config(path)
         log("1. training step")
         r["train"] = tr = bench_train(args, path)
+        log(f"1b. training step of a global batch of {args.global_batch}")
+        r["train_step"] = ts = bench_train_step(args, path, cfg)
         ours, ref = load_ours(path, args.device, dt), load_hf(path, args.device, dt)
         log("2. vision encoder")
         r["vision"] = bench_vision(ours, ref, args, cfg)
@@ -652,11 +784,14 @@ def main():
     r["train_gemm_fraction"] = tr["ours"]["gemm_fraction"]
     r["decode_bound_tokens_per_s"] = r["copy_bandwidth_gbs"] * 1e9 / r["decode_weight_bytes"]
     r["decode_roofline_fraction"] = r["decode"][1]["ours"] / r["decode_bound_tokens_per_s"]
+    r["train_step_speedup"] = ts["ours"]["samples_per_s"] / ts["hf"]["samples_per_s"]
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in r["machine"]), None)
     if args.device.startswith("cuda") and args.dtype == "bfloat16" and peak:
         batches = train_batches(cfg, args.warmup + args.steps, args.px)[args.warmup:]
         flops = sum(train_flops(cfg, b) for b in batches) / args.steps
         r["mfu"] = flops / tr["ours"]["step_s"] / (peak * 1e12)
+        r["train_step_mfu"] = ts["flops_per_step"] / ts["ours"]["step_s"] / (peak * 1e12)
+        r["train_step_mfu_hf"] = ts["flops_per_step"] / ts["hf"]["step_s"] / (peak * 1e12)
     r["compared"] = ("same random weights and dtype on both sides; LoRA r16 (our LoRALinear) + 16 "
                      "latent rows trainable on both; the same stage-1 mask; AdamW; transformers with "
                      "sdpa, full-vocabulary logits and its own loss")

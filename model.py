@@ -9,6 +9,10 @@ Mirrors transformers' `Qwen2_5_VLForConditionalGeneration` (the numerical oracle
   - M-RoPE position ids for text + several images, restarting per packed sample;
   - one forward for training, prefill and decode (a static KV cache, as in gpt-fast), with an
     optional explicit boolean attention mask -- the door the LIVR bottleneck comes through;
+  - packed training batches made ready on the host (`prepare_batch`: positions, the vision
+    window layout, where the logits go), and attention run per packed sample on its own block
+    of the mask (`attention_blocks`), so the training step never waits on the device and never
+    pays for the pairs of different samples;
   - LIVR latent tokens: K rows of their own (`latent_embeds`), trained while the tied
     embedding table stays frozen (PAPER.md, "Latent tokens");
   - hand-written LoRA on q, k, v, o, gate, up, down that merges back for export.
@@ -16,6 +20,11 @@ Mirrors transformers' `Qwen2_5_VLForConditionalGeneration` (the numerical oracle
     import model
     m = model.load_pretrained("Qwen/Qwen2.5-VL-3B-Instruct")        # fp32 on CPU by default
     logits = m(input_ids=ids, pixel_values=pv, image_grid_thw=thw)   # [B, L, vocab]
+
+    b = model.prepare_batch(data.pack(encoded, 8192)[0], m.cfg)      # training: on the host
+    logits = m(b["input_ids"], b["pixel_values"], mask=model.attention_blocks(b["kinds"], 1, b["spans"]),
+               position_ids=b["position_ids"], vision_layout=b["vision_layout"],
+               logits_at=b["logits_at"])                            # [n, vocab], as train.compute_loss
 
     python model.py export runs/demo/stage2/final OUT   # a plain hub checkpoint (export.py)
 """
@@ -29,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import masks
-from vision import VisionConfig, VisionEncoder
+from vision import VisionConfig, VisionEncoder, window_layout
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,17 +149,19 @@ class MRoPE(nn.Module):
     # axes by `mrope_section`; the same split is used for both halves of the head.
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        D = cfg.head_dim
+        self.head_dim, self.theta = cfg.head_dim, cfg.rope_theta
         # computed on the CPU explicitly so that building the model on `meta` leaves it real
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, device="cpu").float() / D))
         axis = torch.tensor([a for a, n in enumerate(cfg.mrope_section) for _ in range(n)], device="cpu")
-        self.register_buffer("inv_freq", inv_freq, persistent=False)   # (D/2,)
         self.register_buffer("axis", axis, persistent=False)           # (D/2,) in {0, 1, 2}
 
     def forward(self, position_ids, dtype):
         # position_ids (3, B, L) -> cos, sin (B, L, D)
+        D = self.head_dim
+        # the frequencies are made here, in fp32, once per forward: a float buffer would follow
+        # model.to(torch.bfloat16) and turn every angle at position ~1000 off by radians
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, D, 2, device=position_ids.device).float() / D))
         pos = position_ids[self.axis].permute(1, 2, 0).float()        # (B, L, D/2)
-        freqs = pos * self.inv_freq
+        freqs = pos * inv_freq
         cos, sin = freqs.cos(), freqs.sin()
         # rotate_half(x) * sin == x.roll(D/2) * [-sin, sin]: the sign goes into the table once per
         # forward instead of into every q and k of every layer
@@ -175,6 +186,38 @@ class KVCache(nn.Module):
         return self.k[:, :, :n], self.v[:, :, :n]
 
 
+def sdpa(q, k, v, mask=None, is_causal=False):
+    """F.scaled_dot_product_attention with grouped KV heads: q (B, nh, Lq, hd), k/v (B, nkv, Lk, hd).
+    With a mask, CUDA's fused kernels take no enable_gqa (SDPA would fall back to its math kernel,
+    which writes the (B, nh, Lq, Lk) scores in fp32), so there the KV heads are repeated instead."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1 and mask is not None and q.is_cuda:
+        k, v = (z[:, :, None].expand(-1, -1, rep, -1, -1).flatten(1, 2) for z in (k, v))
+        rep = 1
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                          enable_gqa=rep > 1)
+
+
+def block_attention(q, k, v, blocks):
+    """Attention of a packed batch, one SDPA call per sample on its own diagonal block (blocks from
+    attention_blocks), so nothing is spent on the (masked) pairs of different samples. Positions
+    outside every block (padding) attend to nothing: their output is 0. q (B, nh, L, hd) ->
+    (B, L, nh, hd)."""
+    B, nh, L, hd = q.shape
+    rows, end = [[] for _ in range(B)], [0] * B
+    gap = lambda n: v.new_zeros(1, n, nh, hd)      # v: the dtype SDPA returns (also under autocast)
+    for b, s, e, mask in blocks:              # in order along each row, not overlapping
+        if s > end[b]:
+            rows[b].append(gap(s - end[b]))
+        y = sdpa(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], mask, is_causal=mask is None)
+        rows[b].append(y.transpose(1, 2))                                     # (1, Ls, nh, hd)
+        end[b] = e
+    for b in range(B):
+        if end[b] < L:
+            rows[b].append(gap(L - end[b]))
+    return torch.cat([torch.cat(r, 1) if len(r) > 1 else r[0] for r in rows])
+
+
 class Attention(nn.Module):
     # Qwen2_5_VLAttention: GQA, bias on q/k/v, none on o
     def __init__(self, cfg: TextConfig):
@@ -197,6 +240,8 @@ class Attention(nn.Module):
         k = (k * cos).addcmul_(k.roll(self.head_dim // 2, -1), sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
+        if isinstance(mask, list):  # a packed batch's per-sample blocks (attention_blocks)
+            return self.o_proj(block_attention(q, k, v, mask).reshape(B, L, -1)), None
         if return_attn:  # the explicit path, for attention maps (evaluate.py)
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
@@ -205,8 +250,7 @@ class Attention(nn.Module):
             y = att @ v
         else:
             att = None
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and L > 1,
-                                               enable_gqa=self.n_heads != self.n_kv_heads)
+            y = sdpa(q, k, v, mask, is_causal=mask is None and L > 1)
         y = y.transpose(1, 2).reshape(B, L, -1)
         return self.o_proj(y), att
 
@@ -297,7 +341,10 @@ class Qwen25VL(nn.Module):
         self.lm_head.out_features = vocab_size
         self.cfg.text.vocab_size = vocab_size
 
-    def embed(self, input_ids, pixel_values, image_grid_thw):
+    def embed(self, input_ids, pixel_values, image_grid_thw, vision_layout=None):
+        """Token embeddings with the latent rows and the image features in place. With a
+        vision_layout (prepare_batch) the count of <|image_pad|> tokens was checked on the host,
+        so nothing here reads back from the device."""
         x = self.model.embed_tokens(input_ids)                                    # (B, L, d)
         if self.num_latents:
             idx = input_ids - self.latent_token_id
@@ -305,9 +352,9 @@ class Qwen25VL(nn.Module):
             lat = self.latent_embeds[idx.clamp(0, self.num_latents - 1)]
             x = torch.where(is_latent[..., None], lat.to(x.dtype), x)
         if pixel_values is not None and pixel_values.numel():
-            feats = self.visual(pixel_values.to(x.dtype), image_grid_thw)            # (N/4, d)
+            feats = self.visual(pixel_values.to(x.dtype), image_grid_thw, vision_layout)  # (N/4, d)
             is_image = input_ids == self.cfg.image_token_id
-            if int(is_image.sum()) != feats.shape[0]:
+            if vision_layout is None and int(is_image.sum()) != feats.shape[0]:
                 raise ValueError(f"{int(is_image.sum())} <|image_pad|> tokens but "
                                  f"{feats.shape[0]} image features")
             x = x.masked_scatter(is_image[..., None], feats.to(x.dtype))
@@ -315,73 +362,42 @@ class Qwen25VL(nn.Module):
 
     # --- M-RoPE positions -----------------------------------------------------------------------
     def rope_index(self, input_ids, image_grid_thw=None, segment_ids=None):
-        """(3, B, L) positions, equal to transformers' get_rope_index. Text tokens count up on
-        all three axes; an image's tokens get (start, start+row, start+col) on the merged grid;
-        text after it resumes at start + max(rows, cols). Positions restart at every packed
-        sample (segment); padding (segment 0) gets 0."""
-        B, L = input_ids.shape
-        m = self.cfg.vision.spatial_merge_size
-        pos = torch.zeros(3, B, L, dtype=torch.long)
-        if segment_ids is None:
-            segment_ids = torch.ones(B, L, dtype=torch.long)
-        grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
-        ids_cpu, seg_cpu = input_ids.cpu(), segment_ids.cpu()
-        for b in range(B):
-            seg = seg_cpu[b]
-            for s in seg.unique().tolist():
-                if s == 0:
-                    continue
-                where = (seg == s).nonzero().squeeze(1)
-                is_img = (ids_cpu[b, where] == self.cfg.image_token_id).long()
-                # image runs: starts and ends within the segment
-                edges = torch.diff(torch.cat([is_img.new_zeros(1), is_img, is_img.new_zeros(1)]))
-                starts, ends = (edges == 1).nonzero().squeeze(1), (edges == -1).nonzero().squeeze(1)
-                parts, cur, prev = [], 0, 0
-                for st, en in zip(starts.tolist(), ends.tolist()):
-                    parts.append(torch.arange(st - prev).expand(3, -1) + cur)
-                    cur += st - prev
-                    t, h, w = next(grids)
-                    gh, gw = h // m, w // m
-                    if en - st != t * gh * gw:
-                        raise ValueError(f"sample {b}: an image run of {en - st} tokens does not "
-                                         f"match its grid {t}x{h}x{w} ({t * gh * gw} tokens)")
-                    tt = torch.arange(t).repeat_interleave(gh * gw)
-                    hh = torch.arange(gh).repeat_interleave(gw).repeat(t)
-                    ww = torch.arange(gw).repeat(t * gh)
-                    parts.append(torch.stack([tt, hh, ww]) + cur)
-                    cur += max(gh, gw)
-                    prev = en
-                parts.append(torch.arange(len(where) - prev).expand(3, -1) + cur)
-                pos[:, b, where] = torch.cat(parts, dim=1)
-        return pos.to(input_ids.device)
+        """(3, B, L) M-RoPE positions on input_ids' device: the module-level rope_index."""
+        return rope_index(self.cfg, input_ids, image_grid_thw, segment_ids).to(input_ids.device)
 
     # --- forward ----------------------------------------------------------------------------
     def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None,
                 mask=None, segment_ids=None, position_ids=None, input_pos=None,
-                logits_at=None, return_attn=False):
+                logits_at=None, return_attn=False, vision_layout=None):
         """
         input_ids       (B, L)
         pixel_values    (N, 1176) and image_grid_thw (num_images, 3), as the processor makes them
         attention_mask  (B, L) 1 = real token, 0 = padding (as in transformers)
         mask            (B, L, Lk) or (B, 1, L, Lk) bool, True = may attend: an explicit mask such
                         as masks.build_mask(kinds, stage=1). Replaces the causal mask.
+                        Or a packed batch's per-sample blocks, attention_blocks(kinds, stage, spans):
+                        the same mask without its off-block part, one attention call per sample.
         segment_ids     (B, L) packed-sample numbers; positions restart per sample
-        position_ids    (3, B, L) to override the M-RoPE positions (decode passes them)
+        position_ids    (3, B, L) the M-RoPE positions, made ahead (prepare_batch; decode passes them)
         input_pos       (L,) cache slots to write when a KV cache is set up (see generate)
-        logits_at       (B, L) bool: compute logits only there, returning (n, vocab) -- training
-                        needs them only on answer tokens, which saves the [B, L, vocab] tensor
+        logits_at       compute logits only there, returning (n, vocab) -- training needs them
+                        only on answer tokens, which saves the [B, L, vocab] tensor: (B, L) bool,
+                        or (n,) long flat indices into B*L (prepare_batch's, no device sync)
         return_attn     also return each layer's attention probabilities (B, nh, L, Lk)
+        vision_layout   vision.window_layout(image_grid_thw), made ahead (prepare_batch)
+        With position_ids, vision_layout, a block or explicit mask and long logits_at (all that
+        prepare_batch and attention_blocks give), nothing in here waits on the device.
         """
         if segment_ids is None and attention_mask is not None:
             segment_ids = attention_mask.long()
         if position_ids is None:
             position_ids = self.rope_index(input_ids, image_grid_thw, segment_ids)
-        one_sample = segment_ids is None or bool((segment_ids == 1).all())
-        if mask is None and (not one_sample or return_attn):   # else SDPA's own causal path
+        if mask is None and (return_attn or (segment_ids is not None and not bool((segment_ids == 1).all()))):
             mask = masks.build_mask(torch.zeros_like(input_ids), "causal", segment_ids)
-        if mask is not None and mask.dim() == 3:
+        # (else: one unpadded sample per row, SDPA's own causal path)
+        if torch.is_tensor(mask) and mask.dim() == 3:
             mask = mask[:, None]                                                  # (B, 1, L, Lk)
-        x = self.embed(input_ids, pixel_values, image_grid_thw)
+        x = self.embed(input_ids, pixel_values, image_grid_thw, vision_layout)
         cos, sin = self.rope(position_ids, x.dtype)
         attns = []
         for layer in self.model.layers:
@@ -391,10 +407,9 @@ class Qwen25VL(nn.Module):
             else:
                 x, att = layer(x, cos, sin, mask, input_pos, return_attn)
             attns.append(att)
-        x = self.model.norm(x)
-        if logits_at is not None:
-            x = x[logits_at]                                                      # (n, d)
-        logits = self.lm_head(x)
+        if logits_at is not None:   # select before the final norm: it is per token
+            x = x[logits_at] if logits_at.dtype == torch.bool else x.flatten(0, 1)[logits_at]  # (n, d)
+        logits = self.lm_head(self.model.norm(x))
         return (logits, attns) if return_attn else logits
 
     # --- generation -----------------------------------------------------------------------
@@ -464,6 +479,122 @@ class Qwen25VL(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# The batch, made ready on the host: what the forward would otherwise compute in Python and read
+# back from the device (positions, window layout, where the logits go), computed once per batch in
+# the data pipeline, so the training step only issues GPU work.
+
+def rope_index(cfg: Config, input_ids, image_grid_thw=None, segment_ids=None):
+    """(3, B, L) positions on the host, equal to transformers' get_rope_index. Text tokens count
+    up on all three axes; an image's tokens get (start, start+row, start+col) on the merged grid;
+    text after it resumes at start + max(rows, cols). Positions restart at every packed sample
+    (segment); padding (segment 0) gets 0."""
+    B, L = input_ids.shape
+    m = cfg.vision.spatial_merge_size
+    pos = torch.zeros(3, B, L, dtype=torch.long)
+    if segment_ids is None:
+        segment_ids = torch.ones(B, L, dtype=torch.long)
+    grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
+    ids_cpu, seg_cpu = input_ids.cpu(), segment_ids.cpu()
+    for b in range(B):
+        seg = seg_cpu[b]
+        for s in seg.unique().tolist():
+            if s == 0:
+                continue
+            where = (seg == s).nonzero().squeeze(1)
+            is_img = (ids_cpu[b, where] == cfg.image_token_id).long()
+            # image runs: starts and ends within the segment
+            edges = torch.diff(torch.cat([is_img.new_zeros(1), is_img, is_img.new_zeros(1)]))
+            starts, ends = (edges == 1).nonzero().squeeze(1), (edges == -1).nonzero().squeeze(1)
+            parts, cur, prev = [], 0, 0
+            for st, en in zip(starts.tolist(), ends.tolist()):
+                parts.append(torch.arange(st - prev).expand(3, -1) + cur)
+                cur += st - prev
+                grid = next(grids, None)
+                if grid is None:
+                    raise ValueError(f"sample {b}: more runs of <|image_pad|> tokens than rows in "
+                                     f"image_grid_thw ({len(image_grid_thw) if image_grid_thw is not None else 0})")
+                t, h, w = grid
+                gh, gw = h // m, w // m
+                if en - st != t * gh * gw:
+                    raise ValueError(f"sample {b}: an image run of {en - st} tokens does not "
+                                     f"match its grid {t}x{h}x{w} ({t * gh * gw} tokens)")
+                tt = torch.arange(t).repeat_interleave(gh * gw)
+                hh = torch.arange(gh).repeat_interleave(gw).repeat(t)
+                ww = torch.arange(gw).repeat(t * gh)
+                parts.append(torch.stack([tt, hh, ww]) + cur)
+                cur += max(gh, gw)
+                prev = en
+            parts.append(torch.arange(len(where) - prev).expand(3, -1) + cur)
+            pos[:, b, where] = torch.cat(parts, dim=1)
+    return pos
+
+
+def segment_spans(segment_ids):
+    """[(row, start, end)] of every packed sample (a run of one segment number > 0), as Python
+    ints. A sample must be one contiguous run: the per-sample attention relies on it."""
+    spans = []
+    for b, row in enumerate(segment_ids.tolist()):
+        seen, start = set(), 0
+        for i in range(1, len(row) + 1):
+            if i == len(row) or row[i] != row[start]:
+                if row[start] != 0:
+                    if row[start] in seen:
+                        raise ValueError(f"row {b}: segment {row[start]} is not one contiguous run")
+                    seen.add(row[start])
+                    spans.append((b, start, i))
+                start = i
+    return spans
+
+
+def attention_blocks(kinds, stage, spans):
+    """masks.build_mask(kinds, stage, segments) of a packed batch, kept as its diagonal blocks:
+    [(row, start, end, mask)] with mask = masks.build_mask(kinds[row, start:end], stage), the
+    sample's own [Ls, Ls] rule, or None where the rule is plain causal (SDPA's is_causal: the
+    flash kernel on a GPU). Off the blocks the dense mask is False -- samples never attend to
+    each other -- so block_attention spends nothing there. Built on kinds' device, no sync."""
+    if stage not in masks.MODES:
+        raise ValueError(f"unknown mask stage {stage!r}; expected one of {sorted(map(str, masks.MODES))}")
+    causal = masks.MODES[stage] == "causal"
+    return [(b, s, e, None if causal else masks.build_mask(kinds[b, s:e], stage)) for b, s, e in spans]
+
+
+def prepare_batch(batch, cfg: Config):
+    """A data.collate / data.pack batch (CPU tensors) plus what the step needs, made on the host
+    (in the data pipeline) so the forward never waits on the device. Returns a new dict with:
+      position_ids   (3, B, L) long   M-RoPE positions (rope_index)
+      vision_layout  vision.Layout    the images' window layout (None: no images); .to(device)
+      logits_at      (n,) long        flat indices into B*L of the positions whose next token
+                                      is labelled (position i predicts token i+1)
+      targets        (n,) long        the label each of them predicts
+      n_targets      int              n, so counting answer tokens needs no sync
+      spans          [(row, start, end)] Python ints: each sample's positions (attention_blocks)
+    The <|image_pad|> count is checked against the images here, not in the forward."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    if ids.device.type != "cpu":
+        raise ValueError("prepare_batch runs on the host: call it before moving the batch to the device")
+    seg = batch.get("segment_ids", batch.get("attention_mask"))
+    thw, pv = batch.get("image_grid_thw"), batch.get("pixel_values")
+    n_image_tokens = int((ids == cfg.image_token_id).sum())
+    layout = None
+    if pv is not None and pv.numel():
+        patches = int(thw.prod(-1).sum())
+        merged = patches // cfg.vision.spatial_merge_size ** 2
+        if pv.shape[0] != patches:
+            raise ValueError(f"pixel_values has {pv.shape[0]} rows but image_grid_thw makes {patches} patches")
+        if n_image_tokens != merged:
+            raise ValueError(f"{n_image_tokens} <|image_pad|> tokens but {merged} image features")
+        layout = window_layout(thw, cfg.vision)
+    elif n_image_tokens:
+        raise ValueError(f"{n_image_tokens} <|image_pad|> tokens but no pixel_values")
+    predicts = labels[:, 1:] != -100                                     # (B, L-1)
+    row, col = predicts.nonzero().unbind(1)
+    return {**batch, "position_ids": rope_index(cfg, ids, thw, seg), "vision_layout": layout,
+            "logits_at": row * ids.shape[1] + col, "targets": labels[:, 1:][predicts],
+            "n_targets": int(predicts.sum()),
+            "spans": segment_spans(seg if seg is not None else torch.ones_like(ids))}
+
+
+# ----------------------------------------------------------------------------------------------
 # LoRA, by hand (Hu et al. 2021): y = x W^T + b + (alpha / r) * dropout(x) A^T B^T
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -482,8 +613,11 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))   # as PEFT: B = 0, so a no-op at start
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + \
-            F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        y = F.linear(x, self.weight, self.bias)                                # (..., out)
+        h = F.linear(self.dropout(x), self.lora_A)                             # (..., r)
+        # y + scale * h B^T as one GEMM that accumulates into y: no separate passes over the
+        # (..., out) tensor to scale the update and add it
+        return torch.addmm(y.flatten(0, -2), h.flatten(0, -2), self.lora_B.t(), alpha=self.scale).view(y.shape)
 
     def merged(self):
         lin = nn.Linear(self.weight.shape[1], self.weight.shape[0], bias=self.bias is not None,

@@ -288,7 +288,15 @@ def ensure_demo(run_dir, rank, n_train):
 
 def compute_loss(m, batch, mask_mode):
     """Returns (summed cross-entropy over answer tokens, number of answer tokens). Logits are
-    computed only where a label follows (`logits_at`), never as a [B, L, vocab] tensor."""
+    computed only where a label follows (`logits_at`), never as a [B, L, vocab] tensor. A batch
+    from model.prepare_batch runs the per-sample attention blocks with everything else made on
+    the host: nothing here waits on the device. Otherwise the mask is the dense [B, L, L] one."""
+    if "logits_at" in batch:
+        logits = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
+                   mask=qwen.attention_blocks(batch["kinds"], mask_mode, batch["spans"]),
+                   position_ids=batch["position_ids"], vision_layout=batch["vision_layout"],
+                   logits_at=batch["logits_at"])                                 # (n, vocab)
+        return F.cross_entropy(logits.float(), batch["targets"], reduction="sum"), batch["n_targets"]
     mask = masks.build_mask(batch["kinds"], mask_mode, batch["segment_ids"])   # (B, L, L)
     labels = batch["labels"]
     predicts = torch.zeros_like(labels, dtype=torch.bool)
@@ -304,12 +312,26 @@ def validate(m, batches, mask_mode):
     """Exact-match accuracy under teacher forcing: a sample counts when the argmax at every
     answer position (answer tokens and the closing <|im_end|>) is the gold token -- the same
     verdict greedy decoding would reach, in one forward per batch. Every rank runs the same
-    number of forwards (FSDP needs that); padded-in repeats carry weight 0."""
+    number of forwards (FSDP needs that); padded-in repeats carry weight 0. Batches hold one
+    sample per row (data.collate); prepared ones (model.prepare_batch) are read back once, at
+    the end, instead of once per batch."""
     m.eval()
     correct = total = 0.0
+    pending = []                      # (wrong answer tokens per row, weight) on the device
     for batch, weight in batches:
-        mask = masks.build_mask(batch["kinds"], mask_mode, batch["segment_ids"])
         labels = batch["labels"]
+        B, L = labels.shape
+        if "logits_at" in batch:
+            pred = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
+                     mask=qwen.attention_blocks(batch["kinds"], mask_mode, batch["spans"]),
+                     position_ids=batch["position_ids"], vision_layout=batch["vision_layout"],
+                     logits_at=batch["logits_at"]).argmax(-1)
+            row = batch["logits_at"] // L
+            wrong = torch.zeros(B, device=labels.device).index_add_(
+                0, row, (pred != batch["targets"]).float())                      # (B,)
+            pending.append((wrong, weight))
+            continue
+        mask = masks.build_mask(batch["kinds"], mask_mode, batch["segment_ids"])
         predicts = torch.zeros_like(labels, dtype=torch.bool)
         predicts[:, :-1] = labels[:, 1:] != -100
         pred = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"], mask=mask,
@@ -318,6 +340,11 @@ def validate(m, batches, mask_mode):
         row = predicts.nonzero()[:, 0]
         ok[row[pred != labels[:, 1:][labels[:, 1:] != -100]]] = False
         correct += float((ok.cpu().float() * weight).sum())
+        total += float(weight.sum())
+    if pending:                       # one read-back for all prepared batches
+        wrong = torch.cat([w for w, _ in pending]).cpu()
+        weight = torch.cat([w for _, w in pending]).float()
+        correct += float(((wrong == 0).float() * weight).sum())
         total += float(weight.sum())
     m.train()
     c, t = all_sum(correct, total)

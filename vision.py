@@ -18,8 +18,9 @@ How an image becomes LM tokens:
   4. The merger: RMSNorm per patch, concatenate each 2x2 block, MLP to the LM width.
 
 Windows, the one idea worth reading slowly: we lay all patches of all images out once, per
-forward, as a padded grid [num_windows, 64 slots] (window_layout). Windowed attention is then a
-reshape plus a single SDPA call with a key-padding mask, and full attention is one SDPA call per
+batch (on the host, with the batch) or per forward, as a padded grid [num_windows, 64 slots]
+(window_layout). Windowed attention is then a reshape plus a single SDPA call with a
+key-padding mask, and full attention is one SDPA call per
 image over that image's windows. Windows at the right/bottom edge are partly empty; their empty
 slots hold a copy of some real patch, are masked out as keys, and are dropped before the merger.
 
@@ -66,7 +67,8 @@ class VisionConfig:
 
 
 class Layout(NamedTuple):
-    """Where every patch sits in the padded window grid. Built once per forward."""
+    """Where every patch sits in the padded window grid: built once per batch, on the host
+    (model.prepare_batch), or once per forward."""
     src: torch.Tensor          # [S] patch feeding each slot (empty slots: any patch of the same frame)
     pos: torch.Tensor          # [S, 2] (row, col) of the slot's patch in its image
     window_mask: torch.Tensor | None  # [W, 1, 1, P] True = a real patch; None when no slot is empty
@@ -243,12 +245,15 @@ class VisionEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg)
 
-    def forward(self, pixel_values, grid_thw):
+    def forward(self, pixel_values, grid_thw=None, layout=None):
         """pixel_values [num_patches, c*t*p*p], grid_thw [num_images, 3] as the image processor
         returns them -> [num_patches // m^2, out_hidden], image 0's tokens first, each image's
-        tokens in merged-raster order (the order of its <|image_pad|> placeholders)."""
+        tokens in merged-raster order (the order of its <|image_pad|> placeholders).
+        layout: window_layout(grid_thw, cfg) made ahead (on the host, with the batch) and moved to
+        the device; without it the layout is built here, which reads grid_thw back to the host."""
         cfg, dev = self.cfg, pixel_values.device
-        layout = window_layout(grid_thw.cpu(), cfg).to(dev)
+        if layout is None:
+            layout = window_layout(grid_thw.cpu(), cfg).to(dev)
         x = self.patch_embed(pixel_values[layout.src])  # [S, hidden], patches gathered into the window grid
         cos, sin = rotary_cos_sin(layout.pos, cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
         for i, blk in enumerate(self.blocks):

@@ -8,7 +8,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEYS = ["train_speedup", "train_mem_ratio", "vision_speedup", "decode_speedup", "decode_speedup_tiny",
-        "packing_efficiency", "train_gemm_fraction", "decode_roofline_fraction"]
+        "packing_efficiency", "train_gemm_fraction", "decode_roofline_fraction", "train_step_speedup"]
 
 
 def test_bench_quick_reports_every_key():
@@ -23,6 +23,11 @@ def test_bench_quick_reports_every_key():
     # both sides computed the same first loss: the comparison is like with like
     assert math.isclose(out["train"]["ours"]["loss0"], out["train"]["hf"]["loss0"], rel_tol=1e-4)
     assert out["train"]["ours"]["trainable"] == out["train"]["hf"]["trainable"]
+    # the global-batch step: ours packed into fewer micro-batches, the same loss (dropout off)
+    step = out["train_step"]
+    assert step["ours"]["micro_batches"] < step["hf"]["micro_batches"] == out["global_batch"]
+    assert math.isclose(step["ours"]["loss_no_dropout"], step["hf"]["loss_no_dropout"], rel_tol=1e-4)
+    assert "train_step_mfu" not in out                    # GPU only
     assert out["decode"]["1"]["tokens_agree"] >= 0.5      # same greedy tokens (up to near-ties)
     # the table went to stderr
     assert "| train_speedup |" in r.stderr

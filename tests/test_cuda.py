@@ -6,7 +6,8 @@ present and is skipped, with the reason printed, when it is not. On a GPU machin
 The crashes this guards against are device mix-ups (a tensor built on the host meeting a CUDA
 tensor), collectives on CPU tensors under NCCL, and bf16 numerics: parity with transformers in
 fp32 on CUDA (TF32 off), a bf16 loss close to the fp32 one, KV-cache generation equal to full
-forwards, torchrun with NCCL through both stages and --resume, and evaluate.py on CUDA."""
+forwards, torchrun with NCCL through both stages and --resume, evaluate.py on CUDA, and the
+prepared training step: per-sample attention equal to the dense mask, and no host sync."""
 import json
 import os
 import subprocess
@@ -194,3 +195,42 @@ def test_torchrun_nccl_both_stages_resume_and_evaluate(demo, tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "mean accuracy" in r.stdout.splitlines()[-1]
+
+
+# --- the prepared training step (model.prepare_batch + attention_blocks) ----------------------
+
+@pytest.mark.parametrize("mode", ["bottleneck", "causal"])
+def test_prepared_step_equals_dense_and_never_syncs_on_cuda(mode):
+    """On CUDA the per-sample blocks take SDPA's fused kernels (KV heads repeated where a mask is
+    given): fp32 logits equal the dense mask's; and a bf16 LoRA step of a prepared batch, forward
+    and backward, never waits on the device (sync debug mode turns any wait into an error)."""
+    from test_model import LATENT, packed_row
+    cfg = model.Config.from_dict(tiny.config_dict())
+    m = model.Qwen25VL(cfg, num_latents=4, latent_token_id=LATENT)
+    model.init_weights(m, std=0.1)
+    model.add_lora(m, 4, 8, 0.05)
+    for name, p in m.named_parameters():        # as train.py trains it: LoRA + latents
+        p.requires_grad = name == "latent_embeds" or "lora_" in name
+    m.to("cuda").eval()
+    raw = packed_row()
+    cuda = lambda b: {k: v.to("cuda") if hasattr(v, "to") else v for k, v in b.items()}
+    batch, prepared = cuda(raw), cuda(model.prepare_batch(raw, cfg))
+    real = raw["segment_ids"][0] > 0
+    with torch.no_grad():
+        dense = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
+                  mask=masks.build_mask(batch["kinds"], mode, batch["segment_ids"]),
+                  segment_ids=batch["segment_ids"])
+        fast = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
+                 mask=model.attention_blocks(prepared["kinds"], mode, prepared["spans"]),
+                 position_ids=prepared["position_ids"], vision_layout=prepared["vision_layout"])
+    assert rel_err(fast[0, real.cuda()], dense[0, real.cuda()]) <= 1e-5
+    m.to(torch.bfloat16).train()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, n = train.compute_loss(m, prepared, mode)
+        (loss / n).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss).item() and m.latent_embeds.grad is not None
+

@@ -206,3 +206,133 @@ def test_config_forms_agree():
     nested = model.Config.from_dict(tiny.config_dict(form="nested"))
     assert flat == nested
     assert model.Config.from_dict(flat.to_dict()) == flat
+
+
+# --- the prepared batch and the per-sample attention blocks (training's fast path) -----------
+
+LATENT = 310                      # tiny.VOCAB has room past the special ids for K=4 latents
+
+
+def sample(grids, text_lens, n_answer, seed):
+    """An encode()-shaped sample: tiny.inputs' text and images, 4 latents, then an answer."""
+    import masks
+    ids, pv, thw = tiny.inputs(grids, text_lens, seed=seed)
+    ids = ids[0]
+    g = torch.Generator().manual_seed(seed + 100)
+    answer = torch.randint(0, 290, (n_answer,), generator=g)
+    kinds = torch.where(ids == tiny.IDS["image_token_id"], masks.IMAGE, masks.TEXT)
+    ids = torch.cat([ids, torch.arange(LATENT, LATENT + 4), torch.tensor([7, 8]), answer])
+    kinds = torch.cat([kinds, torch.full((4,), masks.LATENT), torch.full((2,), masks.TEXT),
+                       torch.full((n_answer,), masks.ANSWER)])
+    return dict(input_ids=ids, labels=torch.where(kinds == masks.ANSWER, ids, -100), kinds=kinds,
+                pixel_values=pv, image_grid_thw=thw)
+
+
+def packed_row():
+    """One packed row of four samples (1-2 images each, one text-only) and padding at its end."""
+    import data
+    enc = [sample([(1, 6, 10), (1, 4, 4)], [3, 5, 2], 3, seed=20),
+           sample([(1, 2, 14)], [4, 6], 2, seed=21),
+           sample([], [9], 4, seed=22),
+           sample([(1, 4, 6)], [2, 3], 1, seed=23)]
+    L = sum(len(e["input_ids"]) for e in enc) + 7
+    (batch,) = data.pack(enc, L)
+    return batch
+
+
+@pytest.fixture(scope="module")
+def latent_model(tmp_path_factory):
+    path = tiny.write_checkpoint(str(tmp_path_factory.mktemp("fast")), seed=16)
+    m = model.load_pretrained(path, num_latents=4, latent_token_id=LATENT)
+    m.requires_grad_(True)
+    return m
+
+
+def test_prepare_batch(latent_model):
+    import masks
+    cfg, batch = latent_model.cfg, packed_row()
+    p = model.prepare_batch(batch, cfg)
+    assert torch.equal(p["position_ids"], latent_model.rope_index(batch["input_ids"], batch["image_grid_thw"],
+                                                                  batch["segment_ids"]))
+    labels = batch["labels"][0]
+    predicts = labels[1:] != -100
+    assert torch.equal(p["logits_at"], predicts.nonzero()[:, 0]) and p["n_targets"] == int(predicts.sum())
+    assert torch.equal(p["targets"], labels[1:][predicts])
+    ends = [e for _, _, e in p["spans"]]
+    assert [s for _, s, _ in p["spans"]] == [0] + ends[:-1] and ends[-1] == batch["input_ids"].shape[1] - 7
+    # the per-sample blocks are exactly the dense mask's diagonal blocks, and nothing is off them
+    dense = masks.build_mask(batch["kinds"], 1, batch["segment_ids"])[0]
+    covered = torch.zeros_like(dense)
+    for b, s, e, block in model.attention_blocks(batch["kinds"], 1, p["spans"]):
+        assert torch.equal(block, dense[s:e, s:e])
+        covered[s:e, s:e] = True
+    assert not (dense & ~covered)[:ends[-1]].any()
+    bad = {**batch, "input_ids": batch["input_ids"].clone()}
+    bad["input_ids"][0, (bad["input_ids"][0] == tiny.IDS["image_token_id"]).nonzero()[0]] = 5
+    with pytest.raises(ValueError, match="<|image_pad|> tokens but"):
+        model.prepare_batch(bad, cfg)
+
+
+@pytest.mark.parametrize("mode", ["bottleneck", "causal"])
+def test_block_attention_equals_dense_mask(latent_model, mode):
+    """The prepared batch + per-sample blocks give the dense path's logits (every real position)
+    and loss gradients (every parameter, vision included), fp32."""
+    import masks
+    import train
+    m, batch = latent_model, packed_row()
+    prepared = model.prepare_batch(batch, m.cfg)
+    real = batch["segment_ids"][0] > 0
+    with torch.no_grad():
+        dense = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
+                  mask=masks.build_mask(batch["kinds"], mode, batch["segment_ids"]),
+                  segment_ids=batch["segment_ids"])
+        fast = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
+                 mask=model.attention_blocks(batch["kinds"], mode, prepared["spans"]),
+                 position_ids=prepared["position_ids"], vision_layout=prepared["vision_layout"])
+    assert rel_err(fast[0, real], dense[0, real]) <= 1e-5
+
+    grads = []
+    m.train()
+    for b, ckpt in ((batch, False), (prepared, False), (prepared, True)):  # True: activation checkpointing
+        m.zero_grad()
+        m.grad_checkpointing = ckpt
+        loss, n = train.compute_loss(m, b, mode)
+        (loss / n).backward()
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None})
+    m.zero_grad()
+    m.grad_checkpointing = False
+    m.eval()
+    assert grads[0].keys() == grads[1].keys() == grads[2].keys() and "latent_embeds" in grads[0]
+    assert any(k.startswith("visual.") for k in grads[0])
+    for k in grads[0]:
+        assert rel_err(grads[1][k], grads[0][k]) <= 1e-5, k
+        assert rel_err(grads[2][k], grads[0][k]) <= 1e-5, k
+
+
+@pytest.mark.parametrize("mode", ["bottleneck", "causal"])
+def test_prepared_step_never_reads_the_device(mode):
+    """Forward + backward of a prepared batch on the `meta` device, where every value read back
+    to the host (.item(), bool(), nonzero, boolean indexing, .cpu()) raises: the training step
+    queues GPU work without waiting on it. The unprepared path does read back, and fails here."""
+    import train
+    cfg = model.Config.from_dict(tiny.config_dict())
+    with torch.device("meta"):
+        m = model.Qwen25VL(cfg, num_latents=4, latent_token_id=LATENT)
+    model.add_lora(m, 4, 8, 0.05)
+    m.to("meta").train()
+    on_meta = lambda b: {k: v.to("meta") if hasattr(v, "to") else v for k, v in b.items()}
+    loss, n = train.compute_loss(m, on_meta(model.prepare_batch(packed_row(), cfg)), mode)
+    (loss / n).backward()
+    assert n == 10 and m.latent_embeds.grad is not None
+    with pytest.raises(NotImplementedError):
+        train.compute_loss(m, on_meta(packed_row()), mode)
+
+
+def test_rope_angles_survive_a_cast_to_bf16():
+    """train.py casts a one-device model with m.to(torch.bfloat16): the M-RoPE angles must stay
+    the fp32 ones (a bf16 frequency is off by radians at position 4000)."""
+    rope = model.MRoPE(model.TextConfig())
+    pos = torch.arange(4000).expand(3, 1, -1)
+    want = rope(pos, torch.float32)
+    got = rope.to(torch.bfloat16)(pos, torch.float32)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -211,6 +211,36 @@ def test_packing_gives_the_same_logits_as_samples_alone(demo):
     assert checked == 2 * len(encoded)
 
 
+def test_prepared_batches_give_the_same_loss_and_accuracy(demo):
+    """compute_loss and validate on model.prepare_batch's batches (per-sample attention blocks,
+    flat logits_at, one read-back) equal the plain dense-mask path, sample by sample."""
+    proc = data.Processor.from_pretrained(demo["base"], num_latents=4)
+    m = model.load_pretrained(demo["base"], num_latents=4, latent_token_id=proc.latent_token_id)
+    model.init_weights(m, std=0.1, seed=5)
+    encoded = [proc.encode(r) for r in data.load_dataset(demo["train"])[:4]]
+    plain = data.collate(encoded, proc.pad_id)
+    # make row 0 right and the rest wrong: its labels become the model's own argmax
+    with torch.no_grad():
+        predicts = torch.zeros_like(plain["labels"], dtype=torch.bool)
+        predicts[:, :-1] = plain["labels"][:, 1:] != -100
+        pred = m(plain["input_ids"], plain["pixel_values"], plain["image_grid_thw"],
+                 mask=masks.build_mask(plain["kinds"], 1, plain["segment_ids"]),
+                 segment_ids=plain["segment_ids"], logits_at=predicts).argmax(-1)
+    shifted = torch.full_like(plain["labels"], -100)
+    shifted[:, 1:][predicts[:, :-1]] = pred
+    row0 = shifted[0] != -100
+    plain["labels"][0, row0] = shifted[0, row0]
+    prepared = model.prepare_batch(plain, m.cfg)
+    weight = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    for mode in ("bottleneck", "causal"):
+        a, b = train.compute_loss(m, plain, mode), train.compute_loss(m, prepared, mode)
+        assert b[1] == a[1] and torch.allclose(b[0], a[0], rtol=1e-5)
+        acc = train.validate(m, [(plain, weight)], mode)
+        assert train.validate(m, [(prepared, weight)], mode) == acc
+        if mode == "bottleneck":      # the mode row 0's labels were made in
+            assert acc == pytest.approx(1 / 3)
+
+
 # --- one device in bf16: fp32 masters ---------------------------------------------------------
 
 def test_one_device_bf16_keeps_fp32_masters(demo):
