@@ -126,3 +126,17 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
+
+
+def torchrun(nproc, script, *argv, timeout=600, **kw):
+    """Run `script` under torch.distributed.run with nproc processes on a free port; a failure
+    raises with the end of the processes' output (a bare CalledProcessError says nothing)."""
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **kw.pop("env", {})}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                        "--master_port", free_port(), script, *argv],
+                       cwd=os.path.dirname(script), env=env, capture_output=True, text=True,
+                       timeout=timeout, **kw)
+    assert r.returncode == 0, f"torchrun {script} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return r.stdout
