@@ -414,7 +414,8 @@ class Processor:
     def user_parts(self, sample, image_token_counts):
         """The user turn as [str | int]: images where the <image> placeholders are (a newline on
         either side of a placeholder goes with it, as Qwen fine-tuning repos convert LLaVA data),
-        else all images first; then the latents right after the question."""
+        else all images first; then the latents where masks.place_latents puts them (LIVR: right
+        after the question)."""
         text = sample.text
         if IMAGE_PLACEHOLDER in text:
             pieces = re.split(r"\n?" + re.escape(IMAGE_PLACEHOLDER) + r"\n?", text)
@@ -426,8 +427,8 @@ class Processor:
                 parts += [n, piece]
         else:
             parts = list(image_token_counts) + [text]
-        parts.append("".join(self.latent_tokens))
-        return [p for p in parts if p != ""]
+        parts = [p for p in parts if p != ""]
+        return masks.place_latents(parts, "".join(self.latent_tokens)) if self.num_latents else parts
 
     def render(self, sample, with_answer=True, image_token_counts=None):
         """(text, answer_start) of the whole conversation, image pads expanded. User text (the
@@ -477,6 +478,9 @@ class Processor:
         is_answer = starts >= answer_start if with_answer else torch.zeros_like(input_ids, dtype=torch.bool)
         labels = torch.where(is_answer, input_ids, torch.full_like(input_ids, -100))
         kinds = torch.full_like(input_ids, masks.TEXT)
+        if text.startswith("<|im_start|>system"):      # the system turn, up to its closing "\n"
+            system_end = text.index("<|im_end|>\n") + len("<|im_end|>\n")
+            kinds[ends <= system_end] = masks.SYSTEM
         kinds[input_ids == self.image_token_id] = masks.IMAGE
         if self.num_latents:
             is_latent = (input_ids >= self.latent_token_id) & (input_ids < self.latent_token_id + self.num_latents)
@@ -1203,7 +1207,7 @@ def show(processor, sample, with_answer=True):
     text = re.sub(r"(<\|image_pad\|>)+", lambda m: f"<|image_pad|>*{m.group(0).count('<|image_pad|>')}", text)
     if processor.num_latents > 2:
         text = text.replace("".join(processor.latent_tokens[1:-1]), "...")
-    lines += [text, "", "tokens (t=text I=image L=latent a=answer):"]
+    lines += [text, "", "tokens (s=system t=text I=image L=latent a=answer):"]
     i = 0
     while i < len(ids):
         j = i
@@ -1213,9 +1217,8 @@ def show(processor, sample, with_answer=True):
         run = f"  x{j - i + 1}" if j > i else ""
         lines.append(f"{i:5d} {masks.KIND_CHARS[kinds[i]]} {ids[i]:7d} {piece!r}{run}")
         i = j + 1
-    count = {k: sum(1 for x in kinds if x == v) for k, v in
-             [("text", masks.TEXT), ("image", masks.IMAGE), ("latent", masks.LATENT), ("answer", masks.ANSWER)]}
-    lines += ["", f"{len(ids)} tokens: text {count['text']}, image {count['image']} (per image: {per_image}), "
+    count = {name: sum(1 for x in kinds if x == v) for v, name in masks.KIND_NAMES.items()}
+    lines += ["", f"{len(ids)} tokens: system {count['system']}, text {count['text']}, image {count['image']} (per image: {per_image}), "
               f"latent {count['latent']}, answer {count['answer']} (answer + <|im_end|>)"]
     return "\n".join(lines)
 

@@ -153,7 +153,7 @@ def generate_batch(m, processor, encoded, max_new_tokens, mask="causal"):
     new = m.generate(batch["input_ids"].to(dev), pv if pv is None else pv.to(dev),
                      batch["image_grid_thw"].to(dev), batch["attention_mask"].to(dev),
                      max_new_tokens=max_new_tokens, eos_token_id=processor.im_end_id,
-                     kinds=batch["kinds"].to(dev), stage=mask)
+                     kinds=batch["kinds"].to(dev), mask_mode=mask)
     stops = {processor.im_end_id, processor.pad_id, m.cfg.eos_token_id}
     texts = []
     for row in new.tolist():
@@ -494,7 +494,7 @@ def parse_args(argv=None):
                         f"table (default: {DEMO_CHECKPOINT})")
     p.add_argument("--data", default=DEMO_DATA, help="test set, .jsonl or LLaVA .json (default: %(default)s)")
     p.add_argument("--image-root", help="resolve image paths here instead of next to --data")
-    p.add_argument("--mask", choices=["causal", "bottleneck"], default="causal",
+    p.add_argument("--mask", choices=list(masks.RULES), default="causal",
                    help="bottleneck: the stage-1 mask at test time, only latents see the image "
                         "(default: %(default)s)")
     p.add_argument("--no-latents", action="store_true", help="drop the latent tokens from the prompt")

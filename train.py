@@ -64,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--run-dir", default=DEMO_DIR, help="where stage{1,2}/ checkpoints and metrics go")
     p.add_argument("--init", help="stage 2: the stage-1 checkpoint (default RUN_DIR/stage1/final)")
     p.add_argument("--latents", type=int, default=16, help="K latent tokens (0 = Direct SFT)")
-    p.add_argument("--mask", choices=["bottleneck", "causal", "answer_only"],
+    p.add_argument("--mask", choices=list(masks.RULES),
                    help="attention mask (default: bottleneck in stage 1, causal in stage 2)")
     p.add_argument("--train", choices=["lora", "full"], help="LoRA (paper) or the whole language "
                    "model; the vision encoder and merger stay frozen (default: lora; demo: full)")
@@ -286,29 +286,38 @@ def ensure_demo(run_dir, rank, n_train):
 # ----------------------------------------------------------------------------------------------
 # The loss: next-token cross-entropy on answer tokens only
 
-def compute_loss(m, batch, mask_mode):
-    """Returns (summed cross-entropy over answer tokens, number of answer tokens). Logits are
-    computed only where a label follows (`logits_at`), never as a [B, L, vocab] tensor. A batch
-    from model.prepare_batch runs the per-sample attention blocks with everything else made on
-    the host: nothing here waits on the device. Otherwise the mask is the dense [B, L, L] one."""
+def forward_batch(m, batch, mask_mode, **kw):
+    """The model on a training batch under `mask_mode`, logits only where a label follows
+    (`logits_at`), never as a [B, L, vocab] tensor. Returns (m's output, targets (n,), n): the
+    output is the (n, vocab) logits, or a model.Output with return_hidden=True in `kw` (what an
+    auxiliary loss on the latents reads). A batch from model.prepare_batch runs the per-sample
+    attention blocks with everything else made on the host: nothing here waits on the device.
+    Otherwise the mask is the dense [B, L, L] one."""
     if "logits_at" in batch:
-        logits = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
-                   mask=qwen.attention_blocks(batch["kinds"], mask_mode, batch["spans"]),
-                   position_ids=batch["position_ids"], vision_layout=batch["vision_layout"],
-                   logits_at=batch["logits_at"])                                 # (n, vocab)
-        return F.cross_entropy(logits.float(), batch["targets"], reduction="sum"), batch["n_targets"]
+        out = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
+                mask=qwen.attention_blocks(batch["kinds"], mask_mode, batch["spans"]),
+                position_ids=batch["position_ids"], vision_layout=batch["vision_layout"],
+                logits_at=batch["logits_at"], **kw)
+        return out, batch["targets"], batch["n_targets"]
     mask = masks.build_mask(batch["kinds"], mask_mode, batch["segment_ids"])   # (B, L, L)
     labels = batch["labels"]
     predicts = torch.zeros_like(labels, dtype=torch.bool)
     predicts[:, :-1] = labels[:, 1:] != -100        # position i predicts token i+1
-    logits = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"], mask=mask,
-               segment_ids=batch["segment_ids"], logits_at=predicts)         # (n, vocab)
+    out = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"], mask=mask,
+            segment_ids=batch["segment_ids"], logits_at=predicts, **kw)
     targets = labels[:, 1:][labels[:, 1:] != -100]
-    return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel()
+    return out, targets, targets.numel()
+
+
+def compute_loss(m, batch, mask_mode):
+    """Returns (summed cross-entropy over answer tokens, number of answer tokens). A fork's loss
+    replaces this function (the loop calls train.compute_loss) and reads forward_batch's output."""
+    logits, targets, n = forward_batch(m, batch, mask_mode)                     # (n, vocab)
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), n
 
 
 @torch.no_grad()
-def validate(m, batches, mask_mode):
+def val_accuracy(m, batches, mask_mode):
     """Exact-match accuracy under teacher forcing: a sample counts when the argmax at every
     answer position (answer tokens and the closing <|im_end|>) is the gold token -- the same
     verdict greedy decoding would reach, in one forward per batch. Every rank runs the same
@@ -349,6 +358,9 @@ def validate(m, batches, mask_mode):
     m.train()
     c, t = all_sum(correct, total)
     return c / max(t, 1)
+
+
+validate = val_accuracy     # the old name (data.validate is the unrelated record check)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,13 +525,9 @@ def build_model(args, stage_init, base, processor, device):
                                  latent_token_id=processor.latent_token_id)
         if args.train == "lora":
             qwen.add_lora(m, args.lora_rank, args.lora_alpha, args.lora_dropout)
+    base = qwen.base_parameter_names(m)       # the rest is new: latents, LoRA, a fork's modules
     for name, p in m.named_parameters():
-        if name == "latent_embeds" or "lora_" in name:
-            p.requires_grad = True
-        elif args.train == "full" and name.startswith("model.") and "embed_tokens" not in name:
-            p.requires_grad = True          # the LM's blocks and norm; embeddings stay frozen
-        else:
-            p.requires_grad = False         # vision encoder, merger, embedding table (tied head)
+        p.requires_grad = masks.trainable(name, args.train, from_base=name in base)
     m.grad_checkpointing = args.activation_checkpointing
     return m.to(device)
 
@@ -601,7 +609,7 @@ def run(args, rank, world, device, log):
         # worker process only competes with the step for a core
         cpus = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         args.workers = min(4, max(1, cpus - 1)) if on_gpu else 0
-    mask_mode = args.mask or {1: "bottleneck", 2: "causal"}[args.stage]
+    mask_mode = args.mask or masks.STAGE_MODES[args.stage]
     if args.micro_batch_tokens < 0 or args.workers < 0:
         raise RunError("--micro-batch-tokens and --workers must be >= 0")
     if args.global_batch % world:
@@ -735,7 +743,7 @@ def run(args, rank, world, device, log):
         if val_batches is None:
             return
         with autocast():
-            acc = validate(m, ((to_device(b, device), w) for b, w in val_batches), mask_mode)
+            acc = val_accuracy(m, ((to_device(b, device), w) for b, w in val_batches), mask_mode)
         log(f"step {step} | val accuracy {100 * acc:.1f}%")
         if rank == 0:
             with open(metrics, "a") as f:

@@ -70,7 +70,7 @@ def test_bottleneck_properties():
 
 
 def test_unknown_stage():
-    with pytest.raises(ValueError, match="unknown mask stage 3"):
+    with pytest.raises(ValueError, match="unknown mask mode 3"):
         masks.build_mask(torch.zeros(3, dtype=torch.long), 3)
 
 
