@@ -8,14 +8,15 @@ tags every token with its *kind* so masks.py can build the visual bottleneck:
     <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n
     <|vision_start|><|image_pad|>*n1<|vision_end|> ... question ... <|latent_0|>..<|latent_K-1|>
     <|im_end|>\\n<|im_start|>assistant\\n  A<|im_end|>
-    kinds:  text ....... image ...... text ...... latent ...... text ...... answer
+    kinds:  system ..... text, image ...... text ...... latent ...... text ...... answer
+            (masks.py's TEXT, IMAGE, LATENT, ANSWER, SYSTEM; the system turn ends at its "\\n")
 
 What it mirrors (transformers is the oracle in tests/, never imported here):
   - preprocess_image   = Qwen2VLImageProcessorPil (smart_resize, PIL bicubic, rescale, normalize,
                          patch flattening), to 1e-5 for any image size.
   - Processor.encode   = Qwen2_5_VLProcessor + apply_chat_template with Qwen2.5-VL's chat template,
-                         token for token, plus the K latent tokens after the question (PAPER.md,
-                         "Sequence layout": Q' = Q + L).
+                         token for token, plus the K latent tokens after the question (the paper's
+                         Q' = Q + L; masks.place_latents).
   - build_tokenizer    = a tiny byte-level BPE with Qwen2's pre-tokenizer and Qwen2.5-VL's special
                          tokens in Qwen's order, so tests and the CPU demo run without downloads.
 Data formats: our JSONL, LLaVA-style JSON, BLINK parquet (converted), and built-in synthetic
@@ -356,7 +357,7 @@ class Processor:
         self.image_config = image_config or ImageConfig()
         self.num_latents = num_latents
         self.system_prompt = system_prompt
-        # K new vocabulary entries (PAPER.md, "Latent tokens"): special, so text never splits them.
+        # K new vocabulary entries (the paper's latent tokens): special, so text never splits them.
         # On the real Qwen tokenizer (151,665 tokens) they land at 151665.., unused embedding rows.
         self.latent_tokens = [LATENT_TOKEN.format(i) for i in range(num_latents)]
         missing = [t for t in self.latent_tokens if tokenizer.token_to_id(t) is None]
@@ -491,7 +492,7 @@ class Processor:
             "input_ids": input_ids,                                                     # [L]
             "labels": labels,                                                           # [L], -100 = no loss
             "kinds": kinds,                                                             # [L], masks.TEXT/IMAGE/...
-            # concatenated in numpy: one big torch op wakes the thread pool, which costs ms on small CPUs
+            # concatenated in numpy: one big torch op wakes the thread pool, slow on small CPUs (BENCH.md)
             "pixel_values": torch.from_numpy(np.concatenate(pixels) if pixels                # [N, 1176]
                                              else np.zeros((0, self.patch_dim), np.float32)),
             "image_grid_thw": torch.tensor(grids, dtype=torch.long).reshape(-1, 3),       # [n, 3]
@@ -1255,7 +1256,7 @@ def main(argv=None):
     p.add_argument("--n-val", type=int, default=64, help="per task")
     p.add_argument("--n-test", type=int, default=128, help="per task")
     p.add_argument("--tasks", default=",".join(SYNTHETIC_TASKS), help="comma-separated subset of: %(default)s")
-    p.add_argument("--image-size", type=int, default=112, help="side of the main image; multiple of 56")
+    p.add_argument("--image-size", type=int, default=112, help="side of the main image; multiple of 112")
     args = ap.parse_args(argv)
     for flag in ("max_len", "num_latents", "n_train", "n_val", "n_test", "image_size", "index"):
         v = getattr(args, flag, None)

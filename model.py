@@ -14,7 +14,7 @@ Mirrors transformers' `Qwen2_5_VLForConditionalGeneration` (the numerical oracle
     of the mask (`attention_blocks`), so the training step never waits on the device and never
     pays for the pairs of different samples;
   - LIVR latent tokens: K rows of their own (`latent_embeds`), trained while the tied
-    embedding table stays frozen (PAPER.md, "Latent tokens");
+    embedding table stays frozen (the paper trains only the K new rows);
   - hand-written LoRA on q, k, v, o, gate, up, down that merges back for export.
 
     import model
@@ -451,7 +451,7 @@ class Qwen25VL(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
 
-    @torch.inference_mode()      # not just no_grad: no version counters either, ~15% less per-token overhead on CPU
+    @torch.inference_mode()      # not just no_grad: no version counters either, less per-token overhead (BENCH.md)
     def generate(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None,
                  max_new_tokens=16, eos_token_id=None, kinds=None, mask_mode="causal", stage=None):
         """Greedy decoding with the KV cache. Prompts are left-padded (attention_mask 0 on the

@@ -250,7 +250,7 @@ def test_no_answer_ends_at_generation_prompt(ours):
 
 def test_ids_on_qwens_real_layout():
     """With Qwen's 151,643 BPE entries in front (dummy ones: no download), every id is looked up,
-    not assumed, and lands where QWEN25VL.md says; the latents take the unused ids from 151665."""
+    not assumed, and lands where Qwen2.5-VL's tokenizer puts it; the latents take the unused ids from 151665."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     vocab = {c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
     vocab.update({f"x{i}": i for i in range(len(vocab), 151643)})

@@ -8,7 +8,7 @@ from masks import ANSWER, IMAGE, LATENT, TEXT
 
 
 def reference(kinds, stage, segments):
-    """The rule in PAPER.md, one edge at a time."""
+    """The paper's rule (masks.py's docstring), one edge at a time."""
     L = len(kinds)
     out = torch.zeros(L, L, dtype=torch.bool)
     for i in range(L):
