@@ -68,6 +68,11 @@ def test_forward_returns_hidden_states_image_features_and_kinds(demo):
     assert torch.allclose(out.image_features, feats, atol=1e-6)
     data_kinds = torch.where((enc["kinds"] == SYSTEM) | (enc["kinds"] == ANSWER), TEXT, enc["kinds"])
     assert torch.equal(out.kinds[0], data_kinds)
+    # generate's mask_mode, and its old name `stage`
+    prompt = proc.encode(two_image_sample(), with_answer=False)
+    gen = lambda **kw: m.generate(prompt["input_ids"][None], prompt["pixel_values"], prompt["image_grid_thw"],
+                                  max_new_tokens=3, kinds=prompt["kinds"][None], **kw)
+    assert torch.equal(gen(mask_mode="bottleneck"), gen(stage=1))
 
 
 # --- fork (a): the latents do not see the system prompt --------------------------------------
