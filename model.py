@@ -15,14 +15,17 @@ Mirrors transformers' `Qwen2_5_VLForConditionalGeneration` (the numerical oracle
     pays for the pairs of different samples;
   - LIVR latent tokens: K rows of their own (`latent_embeds`), trained while the tied
     embedding table stays frozen (the paper trains only the K new rows);
-  - hand-written LoRA on q, k, v, o, gate, up, down that merges back for export.
+  - hand-written LoRA on q, k, v, o, gate, up, down that merges back for export;
+  - open to forks: `forward(..., return_hidden=True)` returns an `Output` (logits, last hidden
+    states, image features, token kinds), and `EXTEND` adds a fork's modules after the strict
+    hub load, which `load_livr` then fills from a checkpoint.
 
     import model
     m = model.load_pretrained("Qwen/Qwen2.5-VL-3B-Instruct")        # fp32 on CPU by default
     logits = m(input_ids=ids, pixel_values=pv, image_grid_thw=thw)   # [B, L, vocab]
 
     b = model.prepare_batch(data.pack(encoded, 8192)[0], m.cfg)      # training: on the host
-    logits = m(b["input_ids"], b["pixel_values"], mask=model.attention_blocks(b["kinds"], 1, b["spans"]),
+    logits = m(b["input_ids"], b["pixel_values"], mask=model.attention_blocks(b["kinds"], "bottleneck", b["spans"]),
                position_ids=b["position_ids"], vision_layout=b["vision_layout"],
                logits_at=b["logits_at"])                            # [n, vocab], as train.compute_loss
 
