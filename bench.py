@@ -133,19 +133,25 @@ def encoded(cfg, g, image_sizes, n_text=60, n_answer=2, latents=K):
     special = min(cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
                   cfg.vision_end_token_id, cfg.eos_token_id)
     text = lambda n: torch.randint(0, special, (n,), generator=g)          # ordinary tokens
-    pieces = [(text(n_text // 3), t)]
+    # the user turn as [(ids, kind)] parts, one part per image's vision block, and the latents
+    # placed by the Processor's rule (masks.place_latents)
+    user = [(text(n_text // 3), t)]
     for h, w in image_sizes:
-        pieces += [(torch.tensor([cfg.vision_start_token_id]), t),
-                   (torch.full(((h // 28) * (w // 28),), cfg.image_token_id), I),
-                   (torch.tensor([cfg.vision_end_token_id]), t)]
+        user.append(torch.cat([torch.tensor([cfg.vision_start_token_id]),
+                               torch.full(((h // 28) * (w // 28),), cfg.image_token_id),
+                               torch.tensor([cfg.vision_end_token_id])]))
+    user.append((text(n_text - n_text // 3), t))
     lat = latent_id(cfg.text.vocab_size)
-    pieces += [(text(n_text - n_text // 3), t), (torch.arange(lat, lat + latents), Lt),
-               (text(5), t)]                                # <|im_end|>\n<|im_start|>assistant\n
+    if latents:
+        user = masks.place_latents(user, (torch.arange(lat, lat + latents), Lt), torch.is_tensor)
+    pieces = [part if not torch.is_tensor(part) else
+              (part, torch.where(part == cfg.image_token_id, I, t)) for part in user]
+    pieces += [(text(5), t)]                                # <|im_end|>\n<|im_start|>assistant\n
     if n_answer is not None:
         pieces += [(text(n_answer), a),
                    (torch.tensor([cfg.eos_token_id]), a)]
     ids = torch.cat([p for p, _ in pieces])
-    kinds = torch.cat([torch.full_like(p, k) for p, k in pieces])
+    kinds = torch.cat([k if torch.is_tensor(k) else torch.full_like(p, k) for p, k in pieces])
     pv, thw = random_images(image_sizes, g, cfg)
     return dict(input_ids=ids, labels=torch.where(kinds == a, ids, -100), kinds=kinds,
                 pixel_values=pv, image_grid_thw=thw)
@@ -297,8 +303,8 @@ def train_worker(a):
         torch.manual_seed(0)
         m.set_latents(K, latent_id(m.cfg.text.vocab_size))
         model.add_lora(m)
-        for name, p in m.named_parameters():
-            p.requires_grad = name == "latent_embeds" or "lora_" in name
+        for name, p in m.named_parameters():       # LIVR's trainable set (masks.trainable)
+            p.requires_grad = masks.trainable(name, "lora")
         m.grad_checkpointing = a.ckpt
         loss_fn = lambda b: train.compute_loss(m, b, 1)
     else:

@@ -8,18 +8,23 @@ tags every token with its *kind* so masks.py can build the visual bottleneck:
     <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n
     <|vision_start|><|image_pad|>*n1<|vision_end|> ... question ... <|latent_0|>..<|latent_K-1|>
     <|im_end|>\\n<|im_start|>assistant\\n  A<|im_end|>
-    kinds:  text ....... image ...... text ...... latent ...... text ...... answer
+    kinds:  system ..... text, image ...... text ...... latent ...... text ...... answer
+            (masks.py's TEXT, IMAGE, LATENT, ANSWER, SYSTEM; the system turn ends at its "\\n")
 
 What it mirrors (transformers is the oracle in tests/, never imported here):
   - preprocess_image   = Qwen2VLImageProcessorPil (smart_resize, PIL bicubic, rescale, normalize,
                          patch flattening), to 1e-5 for any image size.
   - Processor.encode   = Qwen2_5_VLProcessor + apply_chat_template with Qwen2.5-VL's chat template,
-                         token for token, plus the K latent tokens after the question (PAPER.md,
-                         "Sequence layout": Q' = Q + L).
+                         token for token, plus the K latent tokens after the question (the paper's
+                         Q' = Q + L; masks.place_latents).
   - build_tokenizer    = a tiny byte-level BPE with Qwen2's pre-tokenizer and Qwen2.5-VL's special
                          tokens in Qwen's order, so tests and the CPU demo run without downloads.
 Data formats: our JSONL, LLaVA-style JSON, BLINK parquet (converted), and built-in synthetic
 vision-centric tasks (counting, object localization, visual similarity, jigsaw) for the demo.
+
+The file reads in the order a record travels: records (reading, checking, formats) -> images ->
+tokens (chat template, Processor) -> batches (collate, pack) -> streaming (workers, samplers);
+the embedded default (the demo's tokenizer, the synthetic tasks) comes last, then the CLI.
 
 Run:
     python data.py synth --out data/synth                  # write the synthetic tasks (JSONL + PNG)
@@ -49,255 +54,6 @@ from PIL import Image
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 import masks
-
-# ----------------------------------------------------------------------------------------------
-# Images: Qwen2VLImageProcessorPil in numpy
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass
-class ImageConfig:
-    """The image half of preprocessor_config.json (defaults = Qwen2.5-VL-3B-Instruct's file)."""
-    min_pixels: int = 56 * 56                    # 3136
-    max_pixels: int = 28 * 28 * 16384            # 12845056; the class default 1003520 is not the hub file's
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    merge_size: int = 2
-    image_mean: tuple = OPENAI_CLIP_MEAN
-    image_std: tuple = OPENAI_CLIP_STD
-
-    @classmethod
-    def from_dict(cls, d):
-        # transformers lets min_pixels/max_pixels override size={shortest_edge, longest_edge}
-        size = d.get("size") or {}
-        c = cls()
-        c.min_pixels = int(d.get("min_pixels") or size.get("shortest_edge") or c.min_pixels)
-        c.max_pixels = int(d.get("max_pixels") or size.get("longest_edge") or c.max_pixels)
-        for k in ("patch_size", "temporal_patch_size", "merge_size"):
-            setattr(c, k, int(d.get(k, getattr(c, k))))
-        c.image_mean = tuple(d.get("image_mean", c.image_mean))
-        c.image_std = tuple(d.get("image_std", c.image_std))
-        return c
-
-    @classmethod
-    def from_pretrained(cls, path):
-        path = Path(path)
-        for name, part in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
-            file = path / name                     # transformers 5 may nest it in the second
-            if not file.exists():
-                continue
-            try:
-                d = json.loads(file.read_text(encoding="utf-8"))
-                return cls.from_dict(d if part is None else d.get(part, {}))
-            except (ValueError, TypeError, AttributeError) as e:
-                raise ValueError(f"{file}: not a valid image processor config ({type(e).__name__}: {e})") from None
-        return cls()
-
-
-def smart_resize(height, width, factor=28, min_pixels=56 * 56, max_pixels=28 * 28 * 16384):
-    """(h, w) rounded to multiples of `factor` with h*w in [min_pixels, max_pixels], aspect kept.
-    Same arithmetic as transformers' smart_resize, including its rounding quirks."""
-    if max(height, width) / min(height, width) > 200:
-        ratio = max(height, width) / min(height, width)
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {ratio}")
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
-def to_rgb(image):
-    """PIL RGB image from a path, PIL image or HWC uint8 array. Transparency is composited onto
-    white, as transformers' convert_to_rgb does (a plain .convert('RGB') would give black)."""
-    if isinstance(image, (str, Path)):
-        with Image.open(image) as im:
-            im.load()
-            image = im.copy()
-    elif isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    image = _to_8bit(image)
-    if _has_alpha(image):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def _to_8bit(im):
-    """16-bit greyscale (PIL modes I;16*, or I holding values above 255) scaled to 8 bits:
-    PIL's own convert() clips at 255, which turns such images almost white. (PIL already keeps
-    the high byte of 16-bit RGB/RGBA PNGs.)"""
-    if not (im.mode.startswith("I;16") or im.mode == "I"):
-        return im
-    x = np.asarray(im).astype(np.float64)
-    if im.mode == "I" and x.max(initial=0) <= 255:
-        return Image.fromarray(x.clip(0, 255).astype(np.uint8), "L")     # already 8-bit values
-    return Image.fromarray(np.rint(x.clip(0, 65535) / 257).astype(np.uint8), "L")
-
-
-def _has_alpha(im):
-    return "A" in im.getbands() or im.info.get("transparency") is not None
-
-
-def preprocess_image(image, min_pixels=56 * 56, max_pixels=28 * 28 * 16384, mean=OPENAI_CLIP_MEAN,
-                     std=OPENAI_CLIP_STD, patch_size=14, temporal_patch_size=2, merge_size=2):
-    """One image -> (pixel_values float32 [N, 3*T*p*p] = [N, 1176], grid_thw LongTensor [3] = (1, h, w)).
-    N = h*w patches of 14x14; every 2x2 block of patches becomes one LM token (N/4 <|image_pad|>)."""
-    pixel_values, grid_thw = _preprocess_np(image, min_pixels, max_pixels, mean, std, patch_size,
-                                            temporal_patch_size, merge_size)
-    return torch.from_numpy(pixel_values), torch.tensor(grid_thw, dtype=torch.long)
-
-
-def _preprocess_np(image, min_pixels, max_pixels, mean, std, patch_size, temporal_patch_size, merge_size):
-    image = to_rgb(image)
-    factor = patch_size * merge_size
-    h, w = smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
-    image = image.resize((w, h), resample=Image.BICUBIC)          # PIL takes (width, height)
-    # rescale in float64 then cast, normalise in float32: the reference's exact order of operations
-    x = (np.asarray(image).astype(np.float64) * (1 / 255)).astype(np.float32)      # (H, W, 3)
-    x = (x - np.array(mean, np.float32)) / np.array(std, np.float32)
-    gh, gw, m, p, c = h // patch_size, w // patch_size, merge_size, patch_size, 3
-    x = x.transpose(2, 0, 1).reshape(c, gh // m, m, p, gw // m, m, p)
-    # patch order: merge-groups row-major, the m*m patches of a group contiguous, so the merger
-    # can fuse each 2x2 group by a plain reshape
-    x = x.transpose(1, 4, 2, 5, 0, 3, 6)                          # (gh/m, gw/m, m, m, C, p, p)
-    # a still image is a 2-frame clip of the same frame (Conv3d patch embed has temporal kernel 2)
-    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], temporal_patch_size, p, p))
-    return np.ascontiguousarray(x).reshape(gh * gw, c * temporal_patch_size * p * p), (1, gh, gw)
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizer and chat template
-
-# Qwen2.5-VL's added tokens in Qwen's order (ids 151643.. on the real tokenizer); True = special.
-QWEN_ADDED_TOKENS = [
-    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
-    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True),
-    ("<|box_end|>", True), ("<|quad_start|>", True), ("<|quad_end|>", True),
-    ("<|vision_start|>", True), ("<|vision_end|>", True), ("<|vision_pad|>", True),
-    ("<|image_pad|>", True), ("<|video_pad|>", True),
-    ("<tool_call>", False), ("</tool_call>", False), ("<|fim_prefix|>", False), ("<|fim_middle|>", False),
-    ("<|fim_suffix|>", False), ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False),
-]
-# Qwen2's pre-tokenizer: letters, single digits, punctuation runs, newlines and spaces split apart
-QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
-                           r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-IMAGE_PLACEHOLDER = "<image>"          # LLaVA-style marker in the question text
-LATENT_TOKEN = "<|latent_{}|>"
-# Qwen2.5-VL-Instruct's chat template, verbatim. Only written into tokenizer_config.json so that
-# transformers (the oracle) renders what render_chat() renders; we never run Jinja ourselves.
-QWEN25VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
-    "Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
-    "Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
-    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def render_chat(user_parts, answer=None, system_prompt=DEFAULT_SYSTEM_PROMPT):
-    """QWEN25VL_CHAT_TEMPLATE in plain Python for one user turn. user_parts: strings, and ints for
-    images (the int = that image's number of <|image_pad|> tokens, already expanded as the
-    processor does). Returns (text, answer_start): without an answer the text ends with the
-    generation prompt; with one it ends at the answer's <|im_end|> (the template's trailing "\\n"
-    is never trained on or generated, so we drop it)."""
-    text = f"<|im_start|>system\n{system_prompt}<|im_end|>\n<|im_start|>user\n"
-    for part in user_parts:
-        text += part if isinstance(part, str) else "<|vision_start|>" + "<|image_pad|>" * part + "<|vision_end|>"
-    text += "<|im_end|>\n<|im_start|>assistant\n"
-    answer_start = len(text)
-    if answer is not None:
-        text += answer + "<|im_end|>"
-    return text, answer_start
-
-
-def build_tokenizer(out_dir, corpus=None, vocab_size=1000, min_pixels=56 * 56, max_pixels=28 * 28 * 16384):
-    """Write a small Qwen2.5-VL-shaped checkpoint tokenizer into out_dir (tokenizer.json,
-    tokenizer_config.json with the chat template, chat_template.json, preprocessor_config.json).
-    Byte-level BPE trained on `corpus` (default: the synthetic tasks' and BLINK's wording), so any
-    text still encodes (bytes are the base alphabet); Qwen's added tokens follow the BPE vocab as
-    on the real tokenizer. Deterministic; well under a second. vocab_size is an upper bound: the
-    default corpus stops at ~425 BPE tokens (447 with Qwen's added tokens, before latents)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, show_progress=False, special_tokens=[],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus if corpus is not None else default_corpus(), trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, s in QWEN_ADDED_TOKENS if s])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, s in QWEN_ADDED_TOKENS if not s])
-    tok.save(str(out_dir / "tokenizer.json"))
-
-    added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                       "single_word": False, "special": s} for t, s in QWEN_ADDED_TOKENS}
-    tokenizer_config = {
-        "tokenizer_class": "Qwen2Tokenizer", "model_max_length": 131072, "errors": "replace",
-        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
-        "add_prefix_space": False, "split_special_tokens": False, "clean_up_tokenization_spaces": False,
-        "added_tokens_decoder": added, "chat_template": QWEN25VL_CHAT_TEMPLATE,
-    }
-    preprocessor_config = {
-        "min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": 14, "temporal_patch_size": 2,
-        "merge_size": 2, "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
-        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
-    }
-    files = {"tokenizer_config.json": tokenizer_config, "preprocessor_config.json": preprocessor_config,
-             "chat_template.json": {"chat_template": QWEN25VL_CHAT_TEMPLATE}}
-    for name, obj in files.items():
-        (out_dir / name).write_text(json.dumps(obj, indent=2) + "\n")
-    return out_dir
-
-
-def default_corpus():
-    """What the toy tokenizer learns merges from: the chat frame, BLINK's phrasing, our tasks."""
-    lines = [DEFAULT_SYSTEM_PROMPT, "system\n", "user\n", "assistant\n", "Select from the following choices.",
-             "the first image", "the second image", "the third image", "the fourth image",
-             "Which image is more similar to the reference image?", "How many objects are in the image?",
-             "Answer with a number.", "yes", "no", " ".join("0123456789"), " ".join("ABCD")]
-    lines += [f"({a}) {b}" for a in "ABCD" for b in ("the second image", "the third image")]
-    for spec in SYNTHETIC_TASKS.values():
-        lines.append(format_prompt(spec["question"], spec["choices"]))
-    return lines * 4
-
-
-def default_processor(num_latents=16):
-    """A Processor over the toy tokenizer, built once into a temp cache (for offline CLI use)."""
-    key = hashlib.sha1(json.dumps([default_corpus(), QWEN_ADDED_TOKENS]).encode()).hexdigest()[:10]
-    path = Path(tempfile.gettempdir()) / f"livr-toy-tokenizer-{key}"
-    if not (path / "preprocessor_config.json").exists():
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + "."))
-        build_tokenizer(tmp)
-        try:
-            os.replace(tmp, path)             # atomic: concurrent builders don't see half a directory
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return Processor.from_pretrained(path, num_latents=num_latents)
-
 
 # ----------------------------------------------------------------------------------------------
 # Records
@@ -343,179 +99,6 @@ def normalize_answer(answer):
 def chance(record):
     """Accuracy of uniform guessing: 1/len(choices); open-ended counting (2-9) is 1/8."""
     return 1 / len(record.choices) if record.choices else 1 / len(COUNT_RANGE)
-
-
-# ----------------------------------------------------------------------------------------------
-# Processor: records -> model inputs
-
-class Processor:
-    """Qwen2_5_VLProcessor + apply_chat_template in plain Python, with LIVR's K latent tokens."""
-
-    def __init__(self, tokenizer, image_config=None, num_latents=16, system_prompt=DEFAULT_SYSTEM_PROMPT):
-        self.tokenizer = tokenizer
-        self.image_config = image_config or ImageConfig()
-        self.num_latents = num_latents
-        self.system_prompt = system_prompt
-        # K new vocabulary entries (PAPER.md, "Latent tokens"): special, so text never splits them.
-        # On the real Qwen tokenizer (151,665 tokens) they land at 151665.., unused embedding rows.
-        self.latent_tokens = [LATENT_TOKEN.format(i) for i in range(num_latents)]
-        missing = [t for t in self.latent_tokens if tokenizer.token_to_id(t) is None]
-        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
-        ids = [tokenizer.token_to_id(t) for t in self.latent_tokens]
-        if ids and ids != list(range(ids[0], ids[0] + num_latents)):
-            raise ValueError(f"latent token ids are not consecutive: {ids}")
-        self.latent_token_id = ids[0] if ids else None
-        lookup = self._id
-        self.image_token_id = lookup("<|image_pad|>")
-        self.vision_start_token_id = lookup("<|vision_start|>")
-        self.vision_end_token_id = lookup("<|vision_end|>")
-        self.im_start_id = lookup("<|im_start|>")
-        self.im_end_id = lookup("<|im_end|>")
-        self.pad_id = lookup("<|endoftext|>")
-        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-        # every control token of this tokenizer: user text holding one is refused, never encoded
-        added = [t.content for t in tokenizer.get_added_tokens_decoder().values()]
-        self.reserved = list(dict.fromkeys([t for t, _ in QWEN_ADDED_TOKENS] + self.latent_tokens + added))
-        c = self.image_config
-        self.patch_dim = 3 * c.temporal_patch_size * c.patch_size ** 2       # 1176
-
-    def _id(self, token):
-        i = self.tokenizer.token_to_id(token)
-        if i is None:
-            raise ValueError(f"tokenizer has no {token}: is this a Qwen2.5-VL tokenizer?")
-        return i
-
-    @classmethod
-    def from_pretrained(cls, path, num_latents=16, min_pixels=None, max_pixels=None):
-        path = Path(path)
-        if not (path / "tokenizer.json").exists():
-            raise FileNotFoundError(f"{path / 'tokenizer.json'} not found: expected a Qwen2.5-VL checkpoint")
-        image_config = ImageConfig.from_pretrained(path)
-        image_config.min_pixels = min_pixels or image_config.min_pixels
-        image_config.max_pixels = max_pixels or image_config.max_pixels
-        try:
-            tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-        except Exception as e:                 # the tokenizers library raises a bare Exception
-            raise ValueError(f"{path / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
-        return cls(tokenizer, image_config, num_latents)
-
-    def image_tokens(self, width, height):
-        """<|image_pad|> count for an image of this size (no pixels touched)."""
-        c = self.image_config
-        h, w = smart_resize(height, width, c.patch_size * c.merge_size, c.min_pixels, c.max_pixels)
-        return (h // c.patch_size) * (w // c.patch_size) // c.merge_size ** 2
-
-    def preprocess(self, image):
-        """numpy (pixel_values [N, 1176], (1, h, w)) with this checkpoint's settings."""
-        c = self.image_config
-        return _preprocess_np(image, c.min_pixels, c.max_pixels, c.image_mean, c.image_std,
-                              c.patch_size, c.temporal_patch_size, c.merge_size)
-
-    def user_parts(self, sample, image_token_counts):
-        """The user turn as [str | int]: images where the <image> placeholders are (a newline on
-        either side of a placeholder goes with it, as Qwen fine-tuning repos convert LLaVA data),
-        else all images first; then the latents right after the question."""
-        text = sample.text
-        if IMAGE_PLACEHOLDER in text:
-            pieces = re.split(r"\n?" + re.escape(IMAGE_PLACEHOLDER) + r"\n?", text)
-            if len(pieces) - 1 != len(image_token_counts):
-                raise ValueError(f"{sample.where}: {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders "
-                                 f"for {len(image_token_counts)} images")
-            parts = [pieces[0]]
-            for n, piece in zip(image_token_counts, pieces[1:]):
-                parts += [n, piece]
-        else:
-            parts = list(image_token_counts) + [text]
-        parts.append("".join(self.latent_tokens))
-        return [p for p in parts if p != ""]
-
-    def render(self, sample, with_answer=True, image_token_counts=None):
-        """(text, answer_start) of the whole conversation, image pads expanded. User text (the
-        question, choices, prompt, answer) holding a control token is a ValueError: rendered,
-        it would be tokenized as that token (an <|im_end|> ending the turn, a fake latent...)."""
-        for field, value in (("text", sample.text), ("answer", sample.answer if with_answer else None)):
-            tok = reserved_token_in(value or "", self.reserved)
-            if tok:
-                raise ValueError(f"{sample.where or 'record'}: the {field} contains the reserved "
-                                 f"token {tok} (control tokens are not allowed in user text)")
-        if image_token_counts is None:
-            image_token_counts = [self.image_tokens(*_image_size(im)) for im in sample.images]
-        answer = None
-        if with_answer:
-            if not sample.answer:
-                raise ValueError(f"{sample.where}: no answer to encode")
-            answer = normalize_answer(sample.answer)
-        return render_chat(self.user_parts(sample, image_token_counts), answer, self.system_prompt)
-
-    def num_tokens(self, sample, with_answer=True):
-        """Sequence length of encode(sample) without decoding any pixels (image sizes come from
-        the file headers). <|image_pad|> is an added token, so each one is a token of its own
-        whatever surrounds it: the text is tokenized with one pad per image and the rest counted
-        (a 1080p image is ~2,700 pads; tokenizing them all would cost ms per record)."""
-        counts = [self.image_tokens(*_image_size(im)) for im in sample.images]
-        text, _ = self.render(sample, with_answer, [1] * len(counts))
-        return len(self.tokenizer.encode(text, add_special_tokens=False).ids) + sum(counts) - len(counts)
-
-    def encode(self, record, with_answer=True):
-        """A Sample (or dict) -> input_ids, labels, kinds [L]; pixel_values [N, 1176]; image_grid_thw [n, 3]."""
-        sample = as_sample(record)
-        pixels, grids = [], []
-        for image in sample.images:
-            pv, thw = self.preprocess(image)
-            pixels.append(pv)
-            grids.append(thw)
-        counts = [t * h * w // self.image_config.merge_size ** 2 for t, h, w in grids]
-        text, answer_start = self.render(sample, with_answer, counts)
-        # Tokenize the whole string at once, exactly as the reference does, so BPE sees the same
-        # pre-tokens; then find the answer by character offsets rather than re-tokenizing pieces.
-        enc = self.tokenizer.encode(text, add_special_tokens=False)
-        input_ids = torch.tensor(enc.ids, dtype=torch.long)
-        starts = torch.tensor([s for s, _ in enc.offsets], dtype=torch.long)
-        ends = torch.tensor([e for _, e in enc.offsets], dtype=torch.long)
-        if ((starts < answer_start) & (ends > answer_start)).any():
-            raise ValueError(f"{sample.where}: a token straddles the start of the answer")
-        is_answer = starts >= answer_start if with_answer else torch.zeros_like(input_ids, dtype=torch.bool)
-        labels = torch.where(is_answer, input_ids, torch.full_like(input_ids, -100))
-        kinds = torch.full_like(input_ids, masks.TEXT)
-        kinds[input_ids == self.image_token_id] = masks.IMAGE
-        if self.num_latents:
-            is_latent = (input_ids >= self.latent_token_id) & (input_ids < self.latent_token_id + self.num_latents)
-            kinds[is_latent] = masks.LATENT
-        kinds[is_answer] = masks.ANSWER
-        assert int((kinds == masks.IMAGE).sum()) == sum(counts)
-        return {
-            "input_ids": input_ids,                                                     # [L]
-            "labels": labels,                                                           # [L], -100 = no loss
-            "kinds": kinds,                                                             # [L], masks.TEXT/IMAGE/...
-            # concatenated in numpy: one big torch op wakes the thread pool, which costs ms on small CPUs
-            "pixel_values": torch.from_numpy(np.concatenate(pixels) if pixels                # [N, 1176]
-                                             else np.zeros((0, self.patch_dim), np.float32)),
-            "image_grid_thw": torch.tensor(grids, dtype=torch.long).reshape(-1, 3),       # [n, 3]
-        }
-
-    def decode(self, ids, skip_special_tokens=True):
-        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-
-
-LATENT_PATTERN = re.compile(r"<\|latent_\d+\|>")
-
-
-def reserved_token_in(text, reserved):
-    """The first control token in `text` (any of `reserved`, or any <|latent_N|>), else None."""
-    for tok in reserved:
-        if tok in text:
-            return tok
-    m = LATENT_PATTERN.search(text)
-    return m.group(0) if m else None
-
-
-def _image_size(image):
-    """(width, height) from a PIL image or just the file header."""
-    if isinstance(image, Image.Image):
-        return image.size
-    with Image.open(image) as im:
-        return im.size
 
 
 def as_sample(record):
@@ -778,6 +361,437 @@ def write_jsonl(samples, path):
 
 
 # ----------------------------------------------------------------------------------------------
+# BLINK, as distributed on the hub (BLINK-Benchmark/BLINK: <Task>/{val,test}-*.parquet)
+
+def safe_name(value, what="name"):
+    """A file-name piece from data (a BLINK idx or sub_task): only letters, digits, '.', '_' and
+    '-' are kept, so nothing like '../..', '/abs', a NUL or a drive letter can steer a write
+    outside --out. A changed value gets a short hash of the original, so two different values
+    never share a file."""
+    value = str(value)
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "_", value).strip("._-")[:100]
+    if clean == value and clean:
+        return clean
+    digest = hashlib.sha1(value.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{clean}_{digest}" if clean else f"{what}_{digest}"
+
+
+def _inside(path, root):
+    """path, after checking it resolves inside root (a last guard behind safe_name)."""
+    if not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root)):
+        raise ValueError(f"refusing to write {path}: outside {root}")
+    return path
+
+
+def convert_blink(sources, out_dir):
+    """Parquet rows (idx, sub_task, image_1..image_4, question, choices, answer '(A)', prompt) ->
+    <out>/<Task>_<split>.jsonl in our format, images under <out>/images/. BLINK's own prompt text
+    is kept (as "prompt" when it differs from format_prompt(question, choices)). Rows with hidden
+    answers (the test split) are skipped and counted. Returns the written paths."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise SystemExit("convert-blink needs pyarrow: pip install pyarrow")
+    files = []
+    for s in ([sources] if isinstance(sources, (str, Path)) else sources):
+        s = Path(s)
+        files += sorted(s.rglob("*.parquet")) if s.is_dir() else [s]
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    by_file, hidden = {}, 0
+    for f in files:
+        for n, row in enumerate(pq.read_table(f).to_pylist()):
+            idx = str(row.get("idx") or f"{f.parent.name}_{f.stem}_{n}")
+            name = safe_name(idx, "idx")                                 # idx comes from the data
+            answer = normalize_answer(row.get("answer") or "")
+            if answer.lower() in ("", "hidden"):
+                hidden += 1
+                continue
+            split = f.stem.split("-")[0] if f.stem.split("-")[0] in SPLITS else idx.split("_")[0]
+            split = safe_name(split, "split")
+            task = str(row.get("sub_task") or f.parent.name)
+            images = []
+            for k in range(1, 5):
+                im = row.get(f"image_{k}")
+                if not im:
+                    continue
+                raw = im["bytes"] if isinstance(im, dict) else im       # datasets' Image(): {bytes, path}
+                ext = (Image.open(io.BytesIO(raw)).format or "png").lower().replace("jpeg", "jpg")
+                p = _inside(out_dir / "images" / f"{name}_{k}.{ext}", out_dir / "images")
+                p.write_bytes(raw)                                      # as distributed: no re-encoding
+                images.append(str(p))
+            choices = list(row.get("choices") or []) or None
+            question, prompt = row.get("question", ""), row.get("prompt")
+            sample = Sample(images=images, question=question, answer=answer, choices=choices, task=task, id=idx,
+                            prompt=prompt if prompt and prompt != format_prompt(question, choices) else None)
+            jsonl = _inside(out_dir / f"{safe_name(task, 'task')}_{split}.jsonl", out_dir)
+            by_file.setdefault(jsonl, []).append(sample)
+    written = [write_jsonl(samples, path) for path, samples in sorted(by_file.items())]
+    for p in written:
+        print(f"wrote {p} ({len(by_file[p])} records)")
+    if hidden:
+        print(f"skipped {hidden} record(s) with hidden answers (BLINK's test split)")
+    return written
+
+
+# ----------------------------------------------------------------------------------------------
+# Images: Qwen2VLImageProcessorPil in numpy
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class ImageConfig:
+    """The image half of preprocessor_config.json (defaults = Qwen2.5-VL-3B-Instruct's file)."""
+    min_pixels: int = 56 * 56                    # 3136
+    max_pixels: int = 28 * 28 * 16384            # 12845056; the class default 1003520 is not the hub file's
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple = OPENAI_CLIP_MEAN
+    image_std: tuple = OPENAI_CLIP_STD
+
+    @classmethod
+    def from_dict(cls, d):
+        # transformers lets min_pixels/max_pixels override size={shortest_edge, longest_edge}
+        size = d.get("size") or {}
+        c = cls()
+        c.min_pixels = int(d.get("min_pixels") or size.get("shortest_edge") or c.min_pixels)
+        c.max_pixels = int(d.get("max_pixels") or size.get("longest_edge") or c.max_pixels)
+        for k in ("patch_size", "temporal_patch_size", "merge_size"):
+            setattr(c, k, int(d.get(k, getattr(c, k))))
+        c.image_mean = tuple(d.get("image_mean", c.image_mean))
+        c.image_std = tuple(d.get("image_std", c.image_std))
+        return c
+
+    @classmethod
+    def from_pretrained(cls, path):
+        path = Path(path)
+        for name, part in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+            file = path / name                     # transformers 5 may nest it in the second
+            if not file.exists():
+                continue
+            try:
+                d = json.loads(file.read_text(encoding="utf-8"))
+                return cls.from_dict(d if part is None else d.get(part, {}))
+            except (ValueError, TypeError, AttributeError) as e:
+                raise ValueError(f"{file}: not a valid image processor config ({type(e).__name__}: {e})") from None
+        return cls()
+
+
+def smart_resize(height, width, factor=28, min_pixels=56 * 56, max_pixels=28 * 28 * 16384):
+    """(h, w) rounded to multiples of `factor` with h*w in [min_pixels, max_pixels], aspect kept.
+    Same arithmetic as transformers' smart_resize, including its rounding quirks."""
+    if max(height, width) / min(height, width) > 200:
+        ratio = max(height, width) / min(height, width)
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {ratio}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def to_rgb(image):
+    """PIL RGB image from a path, PIL image or HWC uint8 array. Transparency is composited onto
+    white, as transformers' convert_to_rgb does (a plain .convert('RGB') would give black)."""
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as im:
+            im.load()
+            image = im.copy()
+    elif isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    image = _to_8bit(image)
+    if _has_alpha(image):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _to_8bit(im):
+    """16-bit greyscale (PIL modes I;16*, or I holding values above 255) scaled to 8 bits:
+    PIL's own convert() clips at 255, which turns such images almost white. (PIL already keeps
+    the high byte of 16-bit RGB/RGBA PNGs.)"""
+    if not (im.mode.startswith("I;16") or im.mode == "I"):
+        return im
+    x = np.asarray(im).astype(np.float64)
+    if im.mode == "I" and x.max(initial=0) <= 255:
+        return Image.fromarray(x.clip(0, 255).astype(np.uint8), "L")     # already 8-bit values
+    return Image.fromarray(np.rint(x.clip(0, 65535) / 257).astype(np.uint8), "L")
+
+
+def _has_alpha(im):
+    return "A" in im.getbands() or im.info.get("transparency") is not None
+
+
+def preprocess_image(image, min_pixels=56 * 56, max_pixels=28 * 28 * 16384, mean=OPENAI_CLIP_MEAN,
+                     std=OPENAI_CLIP_STD, patch_size=14, temporal_patch_size=2, merge_size=2):
+    """One image -> (pixel_values float32 [N, 3*T*p*p] = [N, 1176], grid_thw LongTensor [3] = (1, h, w)).
+    N = h*w patches of 14x14; every 2x2 block of patches becomes one LM token (N/4 <|image_pad|>)."""
+    pixel_values, grid_thw = _preprocess_np(image, min_pixels, max_pixels, mean, std, patch_size,
+                                            temporal_patch_size, merge_size)
+    return torch.from_numpy(pixel_values), torch.tensor(grid_thw, dtype=torch.long)
+
+
+def _preprocess_np(image, min_pixels, max_pixels, mean, std, patch_size, temporal_patch_size, merge_size):
+    image = to_rgb(image)
+    factor = patch_size * merge_size
+    h, w = smart_resize(image.height, image.width, factor, min_pixels, max_pixels)
+    image = image.resize((w, h), resample=Image.BICUBIC)          # PIL takes (width, height)
+    # rescale in float64 then cast, normalise in float32: the reference's exact order of operations
+    x = (np.asarray(image).astype(np.float64) * (1 / 255)).astype(np.float32)      # (H, W, 3)
+    x = (x - np.array(mean, np.float32)) / np.array(std, np.float32)
+    gh, gw, m, p, c = h // patch_size, w // patch_size, merge_size, patch_size, 3
+    x = x.transpose(2, 0, 1).reshape(c, gh // m, m, p, gw // m, m, p)
+    # patch order: merge-groups row-major, the m*m patches of a group contiguous, so the merger
+    # can fuse each 2x2 group by a plain reshape
+    x = x.transpose(1, 4, 2, 5, 0, 3, 6)                          # (gh/m, gw/m, m, m, C, p, p)
+    # a still image is a 2-frame clip of the same frame (Conv3d patch embed has temporal kernel 2)
+    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], temporal_patch_size, p, p))
+    return np.ascontiguousarray(x).reshape(gh * gw, c * temporal_patch_size * p * p), (1, gh, gw)
+
+
+def _image_size(image):
+    """(width, height) from a PIL image or just the file header."""
+    if isinstance(image, Image.Image):
+        return image.size
+    with Image.open(image) as im:
+        return im.size
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and chat template
+
+# Qwen2.5-VL's added tokens in Qwen's order (ids 151643.. on the real tokenizer); True = special.
+QWEN_ADDED_TOKENS = [
+    ("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
+    ("<|object_ref_start|>", True), ("<|object_ref_end|>", True), ("<|box_start|>", True),
+    ("<|box_end|>", True), ("<|quad_start|>", True), ("<|quad_end|>", True),
+    ("<|vision_start|>", True), ("<|vision_end|>", True), ("<|vision_pad|>", True),
+    ("<|image_pad|>", True), ("<|video_pad|>", True),
+    ("<tool_call>", False), ("</tool_call>", False), ("<|fim_prefix|>", False), ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False), ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False),
+]
+# Qwen2's pre-tokenizer: letters, single digits, punctuation runs, newlines and spaces split apart
+QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+                           r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+IMAGE_PLACEHOLDER = "<image>"          # LLaVA-style marker in the question text
+LATENT_TOKEN = "<|latent_{}|>"
+# Qwen2.5-VL-Instruct's chat template, verbatim. Only written into tokenizer_config.json so that
+# transformers (the oracle) renders what render_chat() renders; we never run Jinja ourselves.
+QWEN25VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
+    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def render_chat(user_parts, answer=None, system_prompt=DEFAULT_SYSTEM_PROMPT):
+    """QWEN25VL_CHAT_TEMPLATE in plain Python for one user turn. user_parts: strings, and ints for
+    images (the int = that image's number of <|image_pad|> tokens, already expanded as the
+    processor does). Returns (text, answer_start): without an answer the text ends with the
+    generation prompt; with one it ends at the answer's <|im_end|> (the template's trailing "\\n"
+    is never trained on or generated, so we drop it)."""
+    text = f"<|im_start|>system\n{system_prompt}<|im_end|>\n<|im_start|>user\n"
+    for part in user_parts:
+        text += part if isinstance(part, str) else "<|vision_start|>" + "<|image_pad|>" * part + "<|vision_end|>"
+    text += "<|im_end|>\n<|im_start|>assistant\n"
+    answer_start = len(text)
+    if answer is not None:
+        text += answer + "<|im_end|>"
+    return text, answer_start
+
+
+# ----------------------------------------------------------------------------------------------
+# Processor: records -> model inputs
+
+class Processor:
+    """Qwen2_5_VLProcessor + apply_chat_template in plain Python, with LIVR's K latent tokens."""
+
+    def __init__(self, tokenizer, image_config=None, num_latents=16, system_prompt=DEFAULT_SYSTEM_PROMPT):
+        self.tokenizer = tokenizer
+        self.image_config = image_config or ImageConfig()
+        self.num_latents = num_latents
+        self.system_prompt = system_prompt
+        # K new vocabulary entries (the paper's latent tokens): special, so text never splits them.
+        # On the real Qwen tokenizer (151,665 tokens) they land at 151665.., unused embedding rows.
+        self.latent_tokens = [LATENT_TOKEN.format(i) for i in range(num_latents)]
+        missing = [t for t in self.latent_tokens if tokenizer.token_to_id(t) is None]
+        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        ids = [tokenizer.token_to_id(t) for t in self.latent_tokens]
+        if ids and ids != list(range(ids[0], ids[0] + num_latents)):
+            raise ValueError(f"latent token ids are not consecutive: {ids}")
+        self.latent_token_id = ids[0] if ids else None
+        lookup = self._id
+        self.image_token_id = lookup("<|image_pad|>")
+        self.vision_start_token_id = lookup("<|vision_start|>")
+        self.vision_end_token_id = lookup("<|vision_end|>")
+        self.im_start_id = lookup("<|im_start|>")
+        self.im_end_id = lookup("<|im_end|>")
+        self.pad_id = lookup("<|endoftext|>")
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        # every control token of this tokenizer: user text holding one is refused, never encoded
+        added = [t.content for t in tokenizer.get_added_tokens_decoder().values()]
+        self.reserved = list(dict.fromkeys([t for t, _ in QWEN_ADDED_TOKENS] + self.latent_tokens + added))
+        c = self.image_config
+        self.patch_dim = 3 * c.temporal_patch_size * c.patch_size ** 2       # 1176
+
+    def _id(self, token):
+        i = self.tokenizer.token_to_id(token)
+        if i is None:
+            raise ValueError(f"tokenizer has no {token}: is this a Qwen2.5-VL tokenizer?")
+        return i
+
+    @classmethod
+    def from_pretrained(cls, path, num_latents=16, min_pixels=None, max_pixels=None):
+        path = Path(path)
+        if not (path / "tokenizer.json").exists():
+            raise FileNotFoundError(f"{path / 'tokenizer.json'} not found: expected a Qwen2.5-VL checkpoint")
+        image_config = ImageConfig.from_pretrained(path)
+        image_config.min_pixels = min_pixels or image_config.min_pixels
+        image_config.max_pixels = max_pixels or image_config.max_pixels
+        try:
+            tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:                 # the tokenizers library raises a bare Exception
+            raise ValueError(f"{path / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
+        return cls(tokenizer, image_config, num_latents)
+
+    def image_tokens(self, width, height):
+        """<|image_pad|> count for an image of this size (no pixels touched)."""
+        c = self.image_config
+        h, w = smart_resize(height, width, c.patch_size * c.merge_size, c.min_pixels, c.max_pixels)
+        return (h // c.patch_size) * (w // c.patch_size) // c.merge_size ** 2
+
+    def preprocess(self, image):
+        """numpy (pixel_values [N, 1176], (1, h, w)) with this checkpoint's settings."""
+        c = self.image_config
+        return _preprocess_np(image, c.min_pixels, c.max_pixels, c.image_mean, c.image_std,
+                              c.patch_size, c.temporal_patch_size, c.merge_size)
+
+    def user_parts(self, sample, image_token_counts):
+        """The user turn as [str | int]: images where the <image> placeholders are (a newline on
+        either side of a placeholder goes with it, as Qwen fine-tuning repos convert LLaVA data),
+        else all images first; then the latents where masks.place_latents puts them (LIVR: right
+        after the question)."""
+        text = sample.text
+        if IMAGE_PLACEHOLDER in text:
+            pieces = re.split(r"\n?" + re.escape(IMAGE_PLACEHOLDER) + r"\n?", text)
+            if len(pieces) - 1 != len(image_token_counts):
+                raise ValueError(f"{sample.where}: {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholders "
+                                 f"for {len(image_token_counts)} images")
+            parts = [pieces[0]]
+            for n, piece in zip(image_token_counts, pieces[1:]):
+                parts += [n, piece]
+        else:
+            parts = list(image_token_counts) + [text]
+        parts = [p for p in parts if p != ""]
+        return masks.place_latents(parts, "".join(self.latent_tokens)) if self.num_latents else parts
+
+    def render(self, sample, with_answer=True, image_token_counts=None):
+        """(text, answer_start) of the whole conversation, image pads expanded. User text (the
+        question, choices, prompt, answer) holding a control token is a ValueError: rendered,
+        it would be tokenized as that token (an <|im_end|> ending the turn, a fake latent...)."""
+        for field, value in (("text", sample.text), ("answer", sample.answer if with_answer else None)):
+            tok = reserved_token_in(value or "", self.reserved)
+            if tok:
+                raise ValueError(f"{sample.where or 'record'}: the {field} contains the reserved "
+                                 f"token {tok} (control tokens are not allowed in user text)")
+        if image_token_counts is None:
+            image_token_counts = [self.image_tokens(*_image_size(im)) for im in sample.images]
+        answer = None
+        if with_answer:
+            if not sample.answer:
+                raise ValueError(f"{sample.where}: no answer to encode")
+            answer = normalize_answer(sample.answer)
+        return render_chat(self.user_parts(sample, image_token_counts), answer, self.system_prompt)
+
+    def num_tokens(self, sample, with_answer=True):
+        """Sequence length of encode(sample) without decoding any pixels (image sizes come from
+        the file headers). <|image_pad|> is an added token, so each one is a token of its own
+        whatever surrounds it: the text is tokenized with one pad per image and the rest counted
+        (a 1080p image is ~2,700 pads; tokenizing them all would cost ms per record)."""
+        counts = [self.image_tokens(*_image_size(im)) for im in sample.images]
+        text, _ = self.render(sample, with_answer, [1] * len(counts))
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids) + sum(counts) - len(counts)
+
+    def encode(self, record, with_answer=True):
+        """A Sample (or dict) -> input_ids, labels, kinds [L]; pixel_values [N, 1176]; image_grid_thw [n, 3]."""
+        sample = as_sample(record)
+        pixels, grids = [], []
+        for image in sample.images:
+            pv, thw = self.preprocess(image)
+            pixels.append(pv)
+            grids.append(thw)
+        counts = [t * h * w // self.image_config.merge_size ** 2 for t, h, w in grids]
+        text, answer_start = self.render(sample, with_answer, counts)
+        # Tokenize the whole string at once, exactly as the reference does, so BPE sees the same
+        # pre-tokens; then find the answer by character offsets rather than re-tokenizing pieces.
+        enc = self.tokenizer.encode(text, add_special_tokens=False)
+        input_ids = torch.tensor(enc.ids, dtype=torch.long)
+        starts = torch.tensor([s for s, _ in enc.offsets], dtype=torch.long)
+        ends = torch.tensor([e for _, e in enc.offsets], dtype=torch.long)
+        if ((starts < answer_start) & (ends > answer_start)).any():
+            raise ValueError(f"{sample.where}: a token straddles the start of the answer")
+        is_answer = starts >= answer_start if with_answer else torch.zeros_like(input_ids, dtype=torch.bool)
+        labels = torch.where(is_answer, input_ids, torch.full_like(input_ids, -100))
+        kinds = torch.full_like(input_ids, masks.TEXT)
+        if text.startswith("<|im_start|>system"):      # the system turn, up to its closing "\n"
+            system_end = text.index("<|im_end|>\n") + len("<|im_end|>\n")
+            kinds[ends <= system_end] = masks.SYSTEM
+        kinds[input_ids == self.image_token_id] = masks.IMAGE
+        if self.num_latents:
+            is_latent = (input_ids >= self.latent_token_id) & (input_ids < self.latent_token_id + self.num_latents)
+            kinds[is_latent] = masks.LATENT
+        kinds[is_answer] = masks.ANSWER
+        assert int((kinds == masks.IMAGE).sum()) == sum(counts)
+        return {
+            "input_ids": input_ids,                                                     # [L]
+            "labels": labels,                                                           # [L], -100 = no loss
+            "kinds": kinds,                                                             # [L], masks.TEXT/IMAGE/...
+            # concatenated in numpy: one big torch op wakes the thread pool, slow on small CPUs (BENCH.md)
+            "pixel_values": torch.from_numpy(np.concatenate(pixels) if pixels                # [N, 1176]
+                                             else np.zeros((0, self.patch_dim), np.float32)),
+            "image_grid_thw": torch.tensor(grids, dtype=torch.long).reshape(-1, 3),       # [n, 3]
+        }
+
+    def decode(self, ids, skip_special_tokens=True):
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+LATENT_PATTERN = re.compile(r"<\|latent_\d+\|>")
+
+
+def reserved_token_in(text, reserved):
+    """The first control token in `text` (any of `reserved`, or any <|latent_N|>), else None."""
+    for tok in reserved:
+        if tok in text:
+            return tok
+    m = LATENT_PATTERN.search(text)
+    return m.group(0) if m else None
+
+
+# ----------------------------------------------------------------------------------------------
 # Batching: pad-to-longest, or packing several samples into one sequence
 
 def collate(encoded, pad_id, padding_side="right"):
@@ -992,6 +1006,79 @@ def loader(dataset, batch_sampler, collate_fn, workers=0, pin_memory=False, ahea
 
 
 # ----------------------------------------------------------------------------------------------
+# The embedded default: the demo's tokenizer, then the synthetic tasks (kept apart from the
+# path a real record takes)
+
+def build_tokenizer(out_dir, corpus=None, vocab_size=1000, min_pixels=56 * 56, max_pixels=28 * 28 * 16384):
+    """Write a small Qwen2.5-VL-shaped checkpoint tokenizer into out_dir (tokenizer.json,
+    tokenizer_config.json with the chat template, chat_template.json, preprocessor_config.json).
+    Byte-level BPE trained on `corpus` (default: the synthetic tasks' and BLINK's wording), so any
+    text still encodes (bytes are the base alphabet); Qwen's added tokens follow the BPE vocab as
+    on the real tokenizer. Deterministic; well under a second. vocab_size is an upper bound: the
+    default corpus stops at ~425 BPE tokens (447 with Qwen's added tokens, before latents)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, show_progress=False, special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus if corpus is not None else default_corpus(), trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, s in QWEN_ADDED_TOKENS if s])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, s in QWEN_ADDED_TOKENS if not s])
+    tok.save(str(out_dir / "tokenizer.json"))
+
+    added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                       "single_word": False, "special": s} for t, s in QWEN_ADDED_TOKENS}
+    tokenizer_config = {
+        "tokenizer_class": "Qwen2Tokenizer", "model_max_length": 131072, "errors": "replace",
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
+        "add_prefix_space": False, "split_special_tokens": False, "clean_up_tokenization_spaces": False,
+        "added_tokens_decoder": added, "chat_template": QWEN25VL_CHAT_TEMPLATE,
+    }
+    preprocessor_config = {
+        "min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": 14, "temporal_patch_size": 2,
+        "merge_size": 2, "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+    }
+    files = {"tokenizer_config.json": tokenizer_config, "preprocessor_config.json": preprocessor_config,
+             "chat_template.json": {"chat_template": QWEN25VL_CHAT_TEMPLATE}}
+    for name, obj in files.items():
+        (out_dir / name).write_text(json.dumps(obj, indent=2) + "\n")
+    return out_dir
+
+
+def default_corpus():
+    """What the toy tokenizer learns merges from: the chat frame, BLINK's phrasing, our tasks."""
+    lines = [DEFAULT_SYSTEM_PROMPT, "system\n", "user\n", "assistant\n", "Select from the following choices.",
+             "the first image", "the second image", "the third image", "the fourth image",
+             "Which image is more similar to the reference image?", "How many objects are in the image?",
+             "Answer with a number.", "yes", "no", " ".join("0123456789"), " ".join("ABCD")]
+    lines += [f"({a}) {b}" for a in "ABCD" for b in ("the second image", "the third image")]
+    for spec in SYNTHETIC_TASKS.values():
+        lines.append(format_prompt(spec["question"], spec["choices"]))
+    return lines * 4
+
+
+def default_processor(num_latents=16):
+    """A Processor over the toy tokenizer, built once into a temp cache (for offline CLI use)."""
+    key = hashlib.sha1(json.dumps([default_corpus(), QWEN_ADDED_TOKENS]).encode()).hexdigest()[:10]
+    path = Path(tempfile.gettempdir()) / f"livr-toy-tokenizer-{key}"
+    if not (path / "preprocessor_config.json").exists():
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + "."))
+        build_tokenizer(tmp)
+        try:
+            os.replace(tmp, path)             # atomic: concurrent builders don't see half a directory
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return Processor.from_pretrained(path, num_latents=num_latents)
+
+
+# ----------------------------------------------------------------------------------------------
 # Synthetic vision-centric tasks: the demo's data and the tests' fixtures
 #
 # Built for a tiny, randomly initialised model on a CPU, so the visual signal is coarse and strong
@@ -1117,80 +1204,6 @@ def make_synthetic(out_dir, n_train=256, n_val=64, n_test=128, seed=42, tasks=tu
 
 
 # ----------------------------------------------------------------------------------------------
-# BLINK, as distributed on the hub (BLINK-Benchmark/BLINK: <Task>/{val,test}-*.parquet)
-
-def safe_name(value, what="name"):
-    """A file-name piece from data (a BLINK idx or sub_task): only letters, digits, '.', '_' and
-    '-' are kept, so nothing like '../..', '/abs', a NUL or a drive letter can steer a write
-    outside --out. A changed value gets a short hash of the original, so two different values
-    never share a file."""
-    value = str(value)
-    clean = re.sub(r"[^A-Za-z0-9._-]+", "_", value).strip("._-")[:100]
-    if clean == value and clean:
-        return clean
-    digest = hashlib.sha1(value.encode("utf-8", "surrogatepass")).hexdigest()[:8]
-    return f"{clean}_{digest}" if clean else f"{what}_{digest}"
-
-
-def _inside(path, root):
-    """path, after checking it resolves inside root (a last guard behind safe_name)."""
-    if not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root)):
-        raise ValueError(f"refusing to write {path}: outside {root}")
-    return path
-
-
-def convert_blink(sources, out_dir):
-    """Parquet rows (idx, sub_task, image_1..image_4, question, choices, answer '(A)', prompt) ->
-    <out>/<Task>_<split>.jsonl in our format, images under <out>/images/. BLINK's own prompt text
-    is kept (as "prompt" when it differs from format_prompt(question, choices)). Rows with hidden
-    answers (the test split) are skipped and counted. Returns the written paths."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise SystemExit("convert-blink needs pyarrow: pip install pyarrow")
-    files = []
-    for s in ([sources] if isinstance(sources, (str, Path)) else sources):
-        s = Path(s)
-        files += sorted(s.rglob("*.parquet")) if s.is_dir() else [s]
-    out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    by_file, hidden = {}, 0
-    for f in files:
-        for n, row in enumerate(pq.read_table(f).to_pylist()):
-            idx = str(row.get("idx") or f"{f.parent.name}_{f.stem}_{n}")
-            name = safe_name(idx, "idx")                                 # idx comes from the data
-            answer = normalize_answer(row.get("answer") or "")
-            if answer.lower() in ("", "hidden"):
-                hidden += 1
-                continue
-            split = f.stem.split("-")[0] if f.stem.split("-")[0] in SPLITS else idx.split("_")[0]
-            split = safe_name(split, "split")
-            task = str(row.get("sub_task") or f.parent.name)
-            images = []
-            for k in range(1, 5):
-                im = row.get(f"image_{k}")
-                if not im:
-                    continue
-                raw = im["bytes"] if isinstance(im, dict) else im       # datasets' Image(): {bytes, path}
-                ext = (Image.open(io.BytesIO(raw)).format or "png").lower().replace("jpeg", "jpg")
-                p = _inside(out_dir / "images" / f"{name}_{k}.{ext}", out_dir / "images")
-                p.write_bytes(raw)                                      # as distributed: no re-encoding
-                images.append(str(p))
-            choices = list(row.get("choices") or []) or None
-            question, prompt = row.get("question", ""), row.get("prompt")
-            sample = Sample(images=images, question=question, answer=answer, choices=choices, task=task, id=idx,
-                            prompt=prompt if prompt and prompt != format_prompt(question, choices) else None)
-            jsonl = _inside(out_dir / f"{safe_name(task, 'task')}_{split}.jsonl", out_dir)
-            by_file.setdefault(jsonl, []).append(sample)
-    written = [write_jsonl(samples, path) for path, samples in sorted(by_file.items())]
-    for p in written:
-        print(f"wrote {p} ({len(by_file[p])} records)")
-    if hidden:
-        print(f"skipped {hidden} record(s) with hidden answers (BLINK's test split)")
-    return written
-
-
-# ----------------------------------------------------------------------------------------------
 # Seeing what the model sees
 
 def show(processor, sample, with_answer=True):
@@ -1203,7 +1216,7 @@ def show(processor, sample, with_answer=True):
     text = re.sub(r"(<\|image_pad\|>)+", lambda m: f"<|image_pad|>*{m.group(0).count('<|image_pad|>')}", text)
     if processor.num_latents > 2:
         text = text.replace("".join(processor.latent_tokens[1:-1]), "...")
-    lines += [text, "", "tokens (t=text I=image L=latent a=answer):"]
+    lines += [text, "", "tokens (s=system t=text I=image L=latent a=answer):"]
     i = 0
     while i < len(ids):
         j = i
@@ -1213,9 +1226,8 @@ def show(processor, sample, with_answer=True):
         run = f"  x{j - i + 1}" if j > i else ""
         lines.append(f"{i:5d} {masks.KIND_CHARS[kinds[i]]} {ids[i]:7d} {piece!r}{run}")
         i = j + 1
-    count = {k: sum(1 for x in kinds if x == v) for k, v in
-             [("text", masks.TEXT), ("image", masks.IMAGE), ("latent", masks.LATENT), ("answer", masks.ANSWER)]}
-    lines += ["", f"{len(ids)} tokens: text {count['text']}, image {count['image']} (per image: {per_image}), "
+    count = {name: sum(1 for x in kinds if x == v) for v, name in masks.KIND_NAMES.items()}
+    lines += ["", f"{len(ids)} tokens: system {count['system']}, text {count['text']}, image {count['image']} (per image: {per_image}), "
               f"latent {count['latent']}, answer {count['answer']} (answer + <|im_end|>)"]
     return "\n".join(lines)
 
@@ -1252,7 +1264,7 @@ def main(argv=None):
     p.add_argument("--n-val", type=int, default=64, help="per task")
     p.add_argument("--n-test", type=int, default=128, help="per task")
     p.add_argument("--tasks", default=",".join(SYNTHETIC_TASKS), help="comma-separated subset of: %(default)s")
-    p.add_argument("--image-size", type=int, default=112, help="side of the main image; multiple of 56")
+    p.add_argument("--image-size", type=int, default=112, help="side of the main image; multiple of 112")
     args = ap.parse_args(argv)
     for flag in ("max_len", "num_latents", "n_train", "n_val", "n_test", "image_size", "index"):
         v = getattr(args, flag, None)

@@ -2,13 +2,13 @@
 Evaluation for LIVR: the paper's scoring, its tables side by side, its mechanism checks, and
 latent attention maps.
 
-The protocol is PAPER.md's "Data and evaluation": multiple-choice tasks are scored by top-1
+The protocol is the paper's: multiple-choice tasks are scored by top-1
 accuracy on the option letter, counting by exact match on the number. Decoding is greedy with the
 KV cache on left-padded batches (model.generate); the latents sit after the prompt exactly as in
 training, because the same data.Processor builds the prompt. On top of the accuracy table:
   - several checkpoints side by side (a zero-shot hub checkpoint, Direct SFT, LIVR), one row
     each as in the paper's tables, with the chance level per task and a Δ row;
-  - "Do the latents carry the image?" (PAPER.md): --mask bottleneck decodes under the stage-1
+  - "Do the latents carry the image?" (the paper's check): --mask bottleneck decodes under the stage-1
     mask at test time, --no-latents drops the latent tokens from the prompt, and every
     checkpoint with latents gets the mean answer->latent attention (the paper: 0.076 for LIVR,
     0.028 for a latents-only model);
@@ -58,7 +58,7 @@ class EvalError(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# Scoring: what answer does a model's output name? (PAPER.md: letter accuracy / exact number)
+# Scoring: what answer does a model's output name? (the paper: letter accuracy / exact number)
 
 NUMBER_WORDS = {w: i for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
@@ -153,7 +153,7 @@ def generate_batch(m, processor, encoded, max_new_tokens, mask="causal"):
     new = m.generate(batch["input_ids"].to(dev), pv if pv is None else pv.to(dev),
                      batch["image_grid_thw"].to(dev), batch["attention_mask"].to(dev),
                      max_new_tokens=max_new_tokens, eos_token_id=processor.im_end_id,
-                     kinds=batch["kinds"].to(dev), stage=mask)
+                     kinds=batch["kinds"].to(dev), mask_mode=mask)
     stops = {processor.im_end_id, processor.pad_id, m.cfg.eos_token_id}
     texts = []
     for row in new.tolist():
@@ -494,7 +494,7 @@ def parse_args(argv=None):
                         f"table (default: {DEMO_CHECKPOINT})")
     p.add_argument("--data", default=DEMO_DATA, help="test set, .jsonl or LLaVA .json (default: %(default)s)")
     p.add_argument("--image-root", help="resolve image paths here instead of next to --data")
-    p.add_argument("--mask", choices=["causal", "bottleneck"], default="causal",
+    p.add_argument("--mask", choices=list(masks.RULES), default="causal",
                    help="bottleneck: the stage-1 mask at test time, only latents see the image "
                         "(default: %(default)s)")
     p.add_argument("--no-latents", action="store_true", help="drop the latent tokens from the prompt")

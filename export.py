@@ -2,7 +2,7 @@
 Export a trained LIVR checkpoint as a plain Hugging Face checkpoint that other tools run unchanged.
 
 After stage 2, LIVR at inference is an ordinary causal VLM whose prompt ends with K extra tokens
-(PAPER.md, "Sequence layout": Q' = Q + L). A checkpoint from train.py is only what training
+(the paper's layout Q' = Q + L, masks.place_latents). A checkpoint from train.py is only what training
 changed (LoRA factors or LM weights, and the K latent rows) on top of a base path, which this
 project alone can read. This file folds it into the hub's own layout, so transformers'
 AutoModelForImageTextToText / AutoProcessor -- and through them lmms-eval, vLLM and the hub --

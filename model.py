@@ -14,15 +14,18 @@ Mirrors transformers' `Qwen2_5_VLForConditionalGeneration` (the numerical oracle
     of the mask (`attention_blocks`), so the training step never waits on the device and never
     pays for the pairs of different samples;
   - LIVR latent tokens: K rows of their own (`latent_embeds`), trained while the tied
-    embedding table stays frozen (PAPER.md, "Latent tokens");
-  - hand-written LoRA on q, k, v, o, gate, up, down that merges back for export.
+    embedding table stays frozen (the paper trains only the K new rows);
+  - hand-written LoRA on q, k, v, o, gate, up, down that merges back for export;
+  - open to forks: `forward(..., return_hidden=True)` returns an `Output` (logits, last hidden
+    states, image features, token kinds), and `EXTEND` adds a fork's modules after the strict
+    hub load, which `load_livr` then fills from a checkpoint.
 
     import model
     m = model.load_pretrained("Qwen/Qwen2.5-VL-3B-Instruct")        # fp32 on CPU by default
     logits = m(input_ids=ids, pixel_values=pv, image_grid_thw=thw)   # [B, L, vocab]
 
     b = model.prepare_batch(data.pack(encoded, 8192)[0], m.cfg)      # training: on the host
-    logits = m(b["input_ids"], b["pixel_values"], mask=model.attention_blocks(b["kinds"], 1, b["spans"]),
+    logits = m(b["input_ids"], b["pixel_values"], mask=model.attention_blocks(b["kinds"], "bottleneck", b["spans"]),
                position_ids=b["position_ids"], vision_layout=b["vision_layout"],
                logits_at=b["logits_at"])                            # [n, vocab], as train.compute_loss
 
@@ -32,6 +35,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field, asdict
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -295,6 +299,15 @@ class TextModel(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # The VLM: vision encoder + decoder, with LIVR's latent tokens
 
+class Output(NamedTuple):
+    """forward(..., return_hidden=True): what a fork's loss or probe reads."""
+    logits: torch.Tensor                  # (B, L, vocab), or (n, vocab) at logits_at
+    hidden: torch.Tensor                  # (B, L, d) last hidden states, after the final norm
+    image_features: Optional[torch.Tensor]  # (N/4, d) the merger's output, None without images
+    kinds: torch.Tensor                   # (B, L) masks.TEXT / IMAGE / LATENT (token_kinds)
+    attns: Optional[list] = None          # with return_attn: per layer (B, nh, L, Lk)
+
+
 class Qwen25VL(nn.Module):
     # Qwen2_5_VLForConditionalGeneration; parameter names are the hub's keys
     def __init__(self, cfg: Config, num_latents=0, latent_token_id=None):
@@ -341,11 +354,13 @@ class Qwen25VL(nn.Module):
         self.lm_head.out_features = vocab_size
         self.cfg.text.vocab_size = vocab_size
 
-    def embed(self, input_ids, pixel_values, image_grid_thw, vision_layout=None):
+    def embed(self, input_ids, pixel_values, image_grid_thw, vision_layout=None, return_features=False):
         """Token embeddings with the latent rows and the image features in place. With a
         vision_layout (prepare_batch) the count of <|image_pad|> tokens was checked on the host,
-        so nothing here reads back from the device."""
+        so nothing here reads back from the device. return_features: also the image features
+        (N/4, d), None without images."""
         x = self.model.embed_tokens(input_ids)                                    # (B, L, d)
+        feats = None
         if self.num_latents:
             idx = input_ids - self.latent_token_id
             is_latent = (idx >= 0) & (idx < self.num_latents)
@@ -358,7 +373,7 @@ class Qwen25VL(nn.Module):
                 raise ValueError(f"{int(is_image.sum())} <|image_pad|> tokens but "
                                  f"{feats.shape[0]} image features")
             x = x.masked_scatter(is_image[..., None], feats.to(x.dtype))
-        return x
+        return (x, feats) if return_features else x
 
     # --- M-RoPE positions -----------------------------------------------------------------------
     def rope_index(self, input_ids, image_grid_thw=None, segment_ids=None):
@@ -368,14 +383,14 @@ class Qwen25VL(nn.Module):
     # --- forward ----------------------------------------------------------------------------
     def forward(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None,
                 mask=None, segment_ids=None, position_ids=None, input_pos=None,
-                logits_at=None, return_attn=False, vision_layout=None):
+                logits_at=None, return_attn=False, vision_layout=None, return_hidden=False):
         """
         input_ids       (B, L)
         pixel_values    (N, 1176) and image_grid_thw (num_images, 3), as the processor makes them
         attention_mask  (B, L) 1 = real token, 0 = padding (as in transformers)
         mask            (B, L, Lk) or (B, 1, L, Lk) bool, True = may attend: an explicit mask such
-                        as masks.build_mask(kinds, stage=1). Replaces the causal mask.
-                        Or a packed batch's per-sample blocks, attention_blocks(kinds, stage, spans):
+                        as masks.build_mask(kinds, "bottleneck"). Replaces the causal mask.
+                        Or a packed batch's per-sample blocks, attention_blocks(kinds, mask_mode, spans):
                         the same mask without its off-block part, one attention call per sample.
         segment_ids     (B, L) packed-sample numbers; positions restart per sample
         position_ids    (3, B, L) the M-RoPE positions, made ahead (prepare_batch; decode passes them)
@@ -384,6 +399,8 @@ class Qwen25VL(nn.Module):
                         only on answer tokens, which saves the [B, L, vocab] tensor: (B, L) bool,
                         or (n,) long flat indices into B*L (prepare_batch's, no device sync)
         return_attn     also return each layer's attention probabilities (B, nh, L, Lk)
+        return_hidden   return an Output (logits, hidden, image_features, kinds, attns) instead of
+                        the logits: what a fork's auxiliary loss or probe on the latents needs
         vision_layout   vision.window_layout(image_grid_thw), made ahead (prepare_batch)
         With position_ids, vision_layout, a block or explicit mask and long logits_at (all that
         prepare_batch and attention_blocks give), nothing in here waits on the device.
@@ -397,7 +414,7 @@ class Qwen25VL(nn.Module):
         # (else: one unpadded sample per row, SDPA's own causal path)
         if torch.is_tensor(mask) and mask.dim() == 3:
             mask = mask[:, None]                                                  # (B, 1, L, Lk)
-        x = self.embed(input_ids, pixel_values, image_grid_thw, vision_layout)
+        x, feats = self.embed(input_ids, pixel_values, image_grid_thw, vision_layout, return_features=True)
         cos, sin = self.rope(position_ids, x.dtype)
         attns = []
         for layer in self.model.layers:
@@ -407,10 +424,25 @@ class Qwen25VL(nn.Module):
             else:
                 x, att = layer(x, cos, sin, mask, input_pos, return_attn)
             attns.append(att)
+        if return_hidden:
+            hidden = self.model.norm(x)                                           # (B, L, d)
+            h = hidden if logits_at is None else (
+                hidden[logits_at] if logits_at.dtype == torch.bool else hidden.flatten(0, 1)[logits_at])
+            return Output(self.lm_head(h), hidden, feats, self.token_kinds(input_ids),
+                          attns if return_attn else None)
         if logits_at is not None:   # select before the final norm: it is per token
             x = x[logits_at] if logits_at.dtype == torch.bool else x.flatten(0, 1)[logits_at]  # (n, d)
         logits = self.lm_head(self.model.norm(x))
         return (logits, attns) if return_attn else logits
+
+    def token_kinds(self, input_ids):
+        """(B, L) masks.TEXT / IMAGE / LATENT as the model tells them from the ids alone (the
+        data's kinds also mark SYSTEM and ANSWER, which the ids do not show)."""
+        kinds = torch.where(input_ids == self.cfg.image_token_id, masks.IMAGE, masks.TEXT)
+        if self.num_latents:
+            idx = input_ids - self.latent_token_id
+            kinds = torch.where((idx >= 0) & (idx < self.num_latents), masks.LATENT, kinds)
+        return kinds
 
     # --- generation -----------------------------------------------------------------------
     def setup_cache(self, batch, max_len):
@@ -422,13 +454,16 @@ class Qwen25VL(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
 
-    @torch.inference_mode()      # not just no_grad: no version counters either, ~15% less per-token overhead on CPU
+    @torch.inference_mode()      # not just no_grad: no version counters either, less per-token overhead (BENCH.md)
     def generate(self, input_ids, pixel_values=None, image_grid_thw=None, attention_mask=None,
-                 max_new_tokens=16, eos_token_id=None, kinds=None, stage=2):
+                 max_new_tokens=16, eos_token_id=None, kinds=None, mask_mode="causal", stage=None):
         """Greedy decoding with the KV cache. Prompts are left-padded (attention_mask 0 on the
-        left). `stage=1` with `kinds` decodes under the bottleneck mask: the prompt as in
-        masks.build_mask and every generated token blind to the image (the paper's test-time
-        check). Latent tokens are never generated. Returns (B, <= max_new_tokens) new tokens."""
+        left). mask_mode="bottleneck" (or any masks.RULES mode) with `kinds` decodes under that
+        rule: the prompt as in masks.build_mask and every generated token as an ANSWER token
+        (under the bottleneck: blind to the image, the paper's test-time check). `stage` is the
+        old name of mask_mode. Latent tokens are never generated. Returns (B, <= max_new_tokens)."""
+        if stage is not None:
+            mask_mode = stage
         B, L = input_ids.shape
         dev = input_ids.device
         eos = self.cfg.eos_token_id if eos_token_id is None else eos_token_id
@@ -439,11 +474,11 @@ class Qwen25VL(nn.Module):
         self.setup_cache(B, total)
         try:
             kinds = torch.zeros_like(input_ids) if kinds is None else kinds
-            prefill_mask = masks.build_mask(kinds, stage, segment_ids)
-            # every generated token attends to real prompt keys (not images under stage 1)
+            prefill_mask = masks.build_mask(kinds, mask_mode, segment_ids)
+            # every generated token attends to real prompt keys, those the rule leaves an answer
             key_ok = attention_mask.bool()
-            if masks.MODES[stage] != "causal":
-                key_ok = key_ok & (kinds != masks.IMAGE)
+            if masks.mode_name(mask_mode) != "causal":
+                key_ok = key_ok & masks.generated_keys(kinds, mask_mode)
             key_ok = torch.cat([key_ok, torch.ones(B, max_new_tokens, dtype=torch.bool, device=dev)], 1)
             all_keys = bool(key_ok.all())             # no padding, no blind spot: SDPA needs no mask
             position_ids = self.rope_index(input_ids, image_grid_thw, segment_ids)
@@ -546,16 +581,14 @@ def segment_spans(segment_ids):
     return spans
 
 
-def attention_blocks(kinds, stage, spans):
-    """masks.build_mask(kinds, stage, segments) of a packed batch, kept as its diagonal blocks:
-    [(row, start, end, mask)] with mask = masks.build_mask(kinds[row, start:end], stage), the
+def attention_blocks(kinds, mask_mode, spans):
+    """masks.build_mask(kinds, mask_mode, segments) of a packed batch, kept as its diagonal blocks:
+    [(row, start, end, mask)] with mask = masks.build_mask(kinds[row, start:end], mask_mode), the
     sample's own [Ls, Ls] rule, or None where the rule is plain causal (SDPA's is_causal: the
     flash kernel on a GPU). Off the blocks the dense mask is False -- samples never attend to
     each other -- so block_attention spends nothing there. Built on kinds' device, no sync."""
-    if stage not in masks.MODES:
-        raise ValueError(f"unknown mask stage {stage!r}; expected one of {sorted(map(str, masks.MODES))}")
-    causal = masks.MODES[stage] == "causal"
-    return [(b, s, e, None if causal else masks.build_mask(kinds[b, s:e], stage)) for b, s, e in spans]
+    causal = masks.mode_name(mask_mode) == "causal"
+    return [(b, s, e, None if causal else masks.build_mask(kinds[b, s:e], mask_mode)) for b, s, e in spans]
 
 
 def prepare_batch(batch, cfg: Config):
@@ -651,10 +684,15 @@ def merge_lora(m: Qwen25VL):
 # ----------------------------------------------------------------------------------------------
 # Loading and saving hub checkpoints
 
+# The base checkpoint's modules. latent_embeds and a fork's modules (EXTEND) sit beside them,
+# so they are never asked of the hub files nor written to them.
+BASE_MODULES = ("visual", "model", "lm_head")
+
+
 def hub_key_map(m: Qwen25VL, layout="hub"):
     """{checkpoint key: our key} for every base weight. Our names are the hub's (legacy) keys;
     newer transformers write `model.visual.*` and `model.language_model.*` instead."""
-    ours = [k for k in m.state_dict() if "lora_" not in k and k != "latent_embeds"]
+    ours = [k for k in m.state_dict() if "lora_" not in k and k.split(".")[0] in BASE_MODULES]
     if m.cfg.text.tie_word_embeddings:
         ours.remove("lm_head.weight")       # tied: the hub file has no lm_head.weight
     if layout == "hub":
@@ -733,11 +771,25 @@ def _safetensors_error(file, e):
                            f"({type(e).__name__}: {e})")
 
 
+# A fork's new modules: functions m -> None, run by load_pretrained once the hub tensors are
+# loaded (strictly) and the latents set, e.g. `lambda m: setattr(m, "aux_head", nn.Linear(...))`.
+# Their parameters are not in the base checkpoint, so they are never "missing" to the hub check;
+# train.build_model trains them (masks.trainable) and load_livr fills them from a checkpoint.
+EXTEND = []
+
+
+def base_parameter_names(m: Qwen25VL):
+    """Our names of the parameters the base (hub) checkpoint holds; the rest (latent rows, LoRA
+    factors, a fork's modules) are new."""
+    return set(hub_key_map(m).values()) | ({"lm_head.weight"} if m.cfg.text.tie_word_embeddings else set())
+
+
 def load_pretrained(path_or_repo_id, dtype=torch.float32, device="cpu", num_latents=0,
-                    latent_token_id=None):
+                    latent_token_id=None, extend=None):
     """Build on `meta`, then fill every tensor from the safetensors files with assign=True.
     dtype=None keeps the checkpoint's dtype (bf16 on the hub). Strict: a missing, unexpected
-    or wrongly shaped tensor raises an error that names it and its file."""
+    or wrongly shaped tensor raises an error that names it and its file. Then the latent rows,
+    then each function of `extend` (default: EXTEND) adds a fork's modules."""
     from safetensors import safe_open
     path = resolve(path_or_repo_id)
     cfg = read_config(path)
@@ -782,6 +834,8 @@ def load_pretrained(path_or_repo_id, dtype=torch.float32, device="cpu", num_late
         m.lm_head.weight = m.model.embed_tokens.weight
     m = m.to(device)
     m.set_latents(num_latents, latent_token_id)
+    for add in (EXTEND if extend is None else extend):
+        add(m)
     return m.eval()
 
 
@@ -944,8 +998,8 @@ def check_state(weights, params, required, source):
     weights: {name: tensor} read from `source`; params: {name: parameter} of the model (their
     logical shapes, DTensors included); required: names that must be in `weights`."""
     errors = [f"missing tensor {k!r}" for k in sorted(required) if k not in weights]
-    errors += [f"unknown tensor {k!r} (this model has no such trainable parameter)"
-               for k in sorted(weights) if k not in params]
+    errors += [f"unknown tensor {k!r} (this model has no such trainable parameter; a fork's "
+               "module is added by a function in model.EXTEND)" for k in sorted(weights) if k not in params]
     errors += [f"tensor {k!r} has shape {tuple(v.shape)}, the model expects "
                f"{tuple(params[k].shape)}" for k, v in sorted(weights.items())
                if k in params and tuple(v.shape) != tuple(params[k].shape)]

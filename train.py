@@ -1,5 +1,5 @@
 """
-LIVR training: one visible loop, two stages (PAPER.md, "What is trained, and how").
+LIVR training: one visible loop, two stages (the paper's recipe; README, "LIVR in one page").
 
     python train.py --stage 1                                  # one process, built-in demo
     torchrun --nproc_per_node 2 train.py --stage 1             # FSDP2 over 2 processes
@@ -47,15 +47,36 @@ import masks
 import model as qwen
 
 DEMO_DIR = "runs/demo"
-# The built-in demo learns from scratch on 2 CPU cores in minutes, so it trains the whole
-# (tiny) language model at a higher learning rate; everything else is the paper's recipe.
-DEMO = dict(train="full", lr=5e-4, epochs={1: 2, 2: 4}, batch_size=4, n_train=800)
 PAPER_EPOCHS = {1: 4, 2: 6}
+# The "demo" preset, the defaults of a run with no --model: the built-in demo learns from scratch
+# on 2 CPU cores in minutes, so it trains the whole (tiny) language model at a higher learning
+# rate; everything else is the paper's recipe. Flags given on the command line still win.
+DEMO = dict(train="full", lr=5e-4, epochs={1: 2, 2: 4}, batch_size=4, n_train=800)
+DEMO_HELP = ("With no --model the run is the built-in demo, and these defaults differ (the demo "
+             "preset, train.DEMO): --train full --lr 5e-4 --batch-size 4 --epochs 2 (stage 1) / 4 "
+             "(stage 2), on 800 synthetic samples per task under runs/demo/.")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The flags, with the defaults this run uses: the paper's recipe, or the demo preset
+    (DEMO) when no --model is given; --epochs defaults by stage (PAPER_EPOCHS)."""
+    p = argument_parser()
+    first = p.parse_args(argv)
+    demo = first.model is None
+    p.set_defaults(epochs=(DEMO["epochs"] if demo else PAPER_EPOCHS)[first.stage],
+                   **({k: DEMO[k] for k in ("train", "lr", "batch_size")} if demo else {}))
+    return p.parse_args(argv)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default; a default of None is resolved at run time, and its help says how."""
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def argument_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=DEMO_HELP,
+                                formatter_class=HelpFormatter)
     p.add_argument("--stage", type=int, choices=[1, 2], required=True,
                    help="1: bottleneck mask; 2: causal mask, from the stage-1 checkpoint")
     p.add_argument("--model", help="base checkpoint (directory or hub id); default: the tiny demo model")
@@ -64,15 +85,17 @@ def parse_args(argv=None):
     p.add_argument("--run-dir", default=DEMO_DIR, help="where stage{1,2}/ checkpoints and metrics go")
     p.add_argument("--init", help="stage 2: the stage-1 checkpoint (default RUN_DIR/stage1/final)")
     p.add_argument("--latents", type=int, default=16, help="K latent tokens (0 = Direct SFT)")
-    p.add_argument("--mask", choices=["bottleneck", "causal", "answer_only"],
-                   help="attention mask (default: bottleneck in stage 1, causal in stage 2)")
-    p.add_argument("--train", choices=["lora", "full"], help="LoRA (paper) or the whole language "
-                   "model; the vision encoder and merger stay frozen (default: lora; demo: full)")
+    p.add_argument("--mask", choices=list(masks.RULES),
+                   help="attention mask, a rule of masks.RULES (default: masks.STAGE_MODES, "
+                        "bottleneck in stage 1, causal in stage 2)")
+    p.add_argument("--train", choices=["lora", "full"], default="lora",
+                   help="LoRA (paper) or the whole language model; the vision encoder and merger "
+                        "stay frozen; what trains is masks.trainable")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32)
     p.add_argument("--lora-dropout", type=float, default=0.05)
     p.add_argument("--epochs", type=float, help="default: 4 in stage 1, 6 in stage 2 (paper)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-4; demo 5e-4)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps for linear warm-up")
     p.add_argument("--global-batch", type=int, default=8,
@@ -83,9 +106,8 @@ def parse_args(argv=None):
                         "packed into as few sequences of at most this many tokens as fit, each "
                         "sample its own segment (default: 8192 on GPU, 512 on CPU); 0: no "
                         "packing, --batch-size samples per padded micro-batch")
-    p.add_argument("--batch-size", type=int,
-                   help="with --micro-batch-tokens 0 only: samples per padded micro-batch "
-                        "(default 1; demo 4)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="with --micro-batch-tokens 0 only: samples per padded micro-batch")
     p.add_argument("--workers", type=int,
                    help="DataLoader processes per device that decode images and build batches "
                         "ahead of the step (default: up to 4 on GPU, 0 on CPU: in-process)")
@@ -108,7 +130,7 @@ def parse_args(argv=None):
                    help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each decoder block in backward to save memory")
-    return p.parse_args(argv)
+    return p
 
 
 class RunError(Exception):
@@ -286,29 +308,38 @@ def ensure_demo(run_dir, rank, n_train):
 # ----------------------------------------------------------------------------------------------
 # The loss: next-token cross-entropy on answer tokens only
 
-def compute_loss(m, batch, mask_mode):
-    """Returns (summed cross-entropy over answer tokens, number of answer tokens). Logits are
-    computed only where a label follows (`logits_at`), never as a [B, L, vocab] tensor. A batch
-    from model.prepare_batch runs the per-sample attention blocks with everything else made on
-    the host: nothing here waits on the device. Otherwise the mask is the dense [B, L, L] one."""
+def forward_batch(m, batch, mask_mode, **kw):
+    """The model on a training batch under `mask_mode`, logits only where a label follows
+    (`logits_at`), never as a [B, L, vocab] tensor. Returns (m's output, targets (n,), n): the
+    output is the (n, vocab) logits, or a model.Output with return_hidden=True in `kw` (what an
+    auxiliary loss on the latents reads). A batch from model.prepare_batch runs the per-sample
+    attention blocks with everything else made on the host: nothing here waits on the device.
+    Otherwise the mask is the dense [B, L, L] one."""
     if "logits_at" in batch:
-        logits = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
-                   mask=qwen.attention_blocks(batch["kinds"], mask_mode, batch["spans"]),
-                   position_ids=batch["position_ids"], vision_layout=batch["vision_layout"],
-                   logits_at=batch["logits_at"])                                 # (n, vocab)
-        return F.cross_entropy(logits.float(), batch["targets"], reduction="sum"), batch["n_targets"]
+        out = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
+                mask=qwen.attention_blocks(batch["kinds"], mask_mode, batch["spans"]),
+                position_ids=batch["position_ids"], vision_layout=batch["vision_layout"],
+                logits_at=batch["logits_at"], **kw)
+        return out, batch["targets"], batch["n_targets"]
     mask = masks.build_mask(batch["kinds"], mask_mode, batch["segment_ids"])   # (B, L, L)
     labels = batch["labels"]
     predicts = torch.zeros_like(labels, dtype=torch.bool)
     predicts[:, :-1] = labels[:, 1:] != -100        # position i predicts token i+1
-    logits = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"], mask=mask,
-               segment_ids=batch["segment_ids"], logits_at=predicts)         # (n, vocab)
+    out = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"], mask=mask,
+            segment_ids=batch["segment_ids"], logits_at=predicts, **kw)
     targets = labels[:, 1:][labels[:, 1:] != -100]
-    return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel()
+    return out, targets, targets.numel()
+
+
+def compute_loss(m, batch, mask_mode):
+    """Returns (summed cross-entropy over answer tokens, number of answer tokens). A fork's loss
+    replaces this function (the loop calls train.compute_loss) and reads forward_batch's output."""
+    logits, targets, n = forward_batch(m, batch, mask_mode)                     # (n, vocab)
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), n
 
 
 @torch.no_grad()
-def validate(m, batches, mask_mode):
+def val_accuracy(m, batches, mask_mode):
     """Exact-match accuracy under teacher forcing: a sample counts when the argmax at every
     answer position (answer tokens and the closing <|im_end|>) is the gold token -- the same
     verdict greedy decoding would reach, in one forward per batch. Every rank runs the same
@@ -349,6 +380,9 @@ def validate(m, batches, mask_mode):
     m.train()
     c, t = all_sum(correct, total)
     return c / max(t, 1)
+
+
+validate = val_accuracy     # the old name (data.validate is the unrelated record check)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,13 +547,9 @@ def build_model(args, stage_init, base, processor, device):
                                  latent_token_id=processor.latent_token_id)
         if args.train == "lora":
             qwen.add_lora(m, args.lora_rank, args.lora_alpha, args.lora_dropout)
+    base = qwen.base_parameter_names(m)       # the rest is new: latents, LoRA, a fork's modules
     for name, p in m.named_parameters():
-        if name == "latent_embeds" or "lora_" in name:
-            p.requires_grad = True
-        elif args.train == "full" and name.startswith("model.") and "embed_tokens" not in name:
-            p.requires_grad = True          # the LM's blocks and norm; embeddings stay frozen
-        else:
-            p.requires_grad = False         # vision encoder, merger, embedding table (tied head)
+        p.requires_grad = masks.trainable(name, args.train, from_base=name in base)
     m.grad_checkpointing = args.activation_checkpointing
     return m.to(device)
 
@@ -568,149 +598,24 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
+# ----------------------------------------------------------------------------------------------
+# The run: set-up steps (each a function below), then one loop
+
 def run(args, rank, world, device, log):
     check_args(args)
-    demo = args.model is None
-    if demo and device.type == "cpu":
-        # the tiny model's matmuls are too small to split: extra threads only add wake-up costs
-        torch.set_num_threads(1)
-    if demo:
-        for k in ("train", "lr", "batch_size"):
-            if getattr(args, k) is None:
-                setattr(args, k, DEMO[k])
-        if args.epochs is None:
-            args.epochs = DEMO["epochs"][args.stage]
-        base, train_file, val_file = ensure_demo(args.run_dir, rank, DEMO["n_train"])
-        args.data, args.val = args.data or train_file, args.val or val_file
-    else:
-        base = qwen.resolve(args.model)
-        if not args.data:
-            raise RunError("--model given without --data: pass a training set (.jsonl or .json)")
-    for k, default in (("train", "lora"), ("lr", 1e-4), ("batch_size", 1),
-                       ("epochs", PAPER_EPOCHS[args.stage])):
-        if getattr(args, k) is None:
-            setattr(args, k, default)
-    on_gpu = device.type == "cuda"
-    if args.micro_batch_tokens is None:
-        # a GPU wants few long sequences, as long as their activations fit: the 3B keeps ~6 MB
-        # a token for backward, so 8192 tokens take ~48 GB (more: --activation-checkpointing). On
-        # CPU the demo ran as fast at 512 as with padded batches of 4; longer was slower.
-        args.micro_batch_tokens = 8192 if on_gpu else 512
-    if args.workers is None:
-        # a GPU step leaves the host's cores free for decoding; on the 2-core CPU demo machine a
-        # worker process only competes with the step for a core
-        cpus = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        args.workers = min(4, max(1, cpus - 1)) if on_gpu else 0
-    mask_mode = args.mask or {1: "bottleneck", 2: "causal"}[args.stage]
-    if args.micro_batch_tokens < 0 or args.workers < 0:
-        raise RunError("--micro-batch-tokens and --workers must be >= 0")
-    if args.global_batch % world:
-        raise RunError(f"--global-batch {args.global_batch} is not a multiple of the "
-                       f"{world} processes")
-    if not args.micro_batch_tokens and args.global_batch % (args.batch_size * world):
-        raise RunError(f"--global-batch {args.global_batch} is not a multiple of "
-                       f"--batch-size {args.batch_size} x {world} processes")
-    stage_dir = os.path.join(args.run_dir, f"stage{args.stage}")
-    init = None
-    if args.stage == 2:
-        init = args.init or os.path.join(args.run_dir, "stage1", "final")
-        if rank == 0:
-            qwen.recover_checkpoint(init)       # a kill while stage 1 wrote `final`
-        if dist.is_initialized():
-            dist.barrier()
-        if not os.path.exists(os.path.join(init, "livr.json")):
-            raise RunError(f"stage 2 starts from a stage-1 checkpoint, and {init} has none: "
-                           f"run `train.py --stage 1` first (same --run-dir) or pass --init")
-    if args.resume:
-        if rank == 0:               # a kill mid-save: a complete last.tmp / last.old takes over
-            for name in ("last", "best"):
-                qwen.recover_checkpoint(os.path.join(stage_dir, name))
-        if dist.is_initialized():
-            dist.barrier()
-        if not qwen.is_complete(os.path.join(stage_dir, "last")):
-            raise RunError(f"--resume: no checkpoint at {stage_dir}/last to resume from")
-        saved_hparams = read_hparams(os.path.join(stage_dir, "last"))
-        check_resume(saved_hparams, hparams(args, mask_mode), os.path.join(stage_dir, "last"), log)
-
-    # data: the records are read and checked up front (they are small); images are decoded
-    # lazily, batch by batch (data.py, "Streaming")
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    try:
-        processor = data.Processor.from_pretrained(base, num_latents=args.latents)
-    except FileNotFoundError:
-        raise
-    except Exception as e:          # tokenizers' and json's own error types
-        raise RunError(f"cannot read the tokenizer in {base}: {type(e).__name__}: {e}") from None
-    check = lambda path: data.load_dataset(
-        path, skip_bad=args.skip_bad, max_len=args.max_len, processor=processor,
-        progress=data.progress_line(f"checking {path}") if rank == 0 else None)
-    train_records = check(args.data)
-    val_records = check(args.val) if args.val else []
-
+    base, init, stage_dir, mask_mode = settle_run(args, rank, world, device, log)
+    processor, train_records, val_records = read_data(args, base, rank)
     m = build_model(args, init, base, processor, device)
-    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    compute_dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-    if dist.is_initialized():
-        shard_model(m, compute_dtype, device)
-        autocast = contextlib.nullcontext        # FSDP casts the parameters itself
-    else:
-        autocast = mixed_precision(m, compute_dtype, device)
+    compute_dtype, autocast = place_model(m, args, device)
     params = [p for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
-                            weight_decay=args.weight_decay)
-    steps_per_epoch = len(train_records) // args.global_batch
-    if steps_per_epoch == 0:
-        raise RunError(f"{args.data} has {len(train_records)} usable record(s), fewer than one "
-                       f"optimizer step's --global-batch {args.global_batch}: add data or lower "
-                       "--global-batch")
-    total_steps = max(1, int(steps_per_epoch * args.epochs))
-    warmup = max(1, int(args.warmup * total_steps))
-
-    def lr_lambda(step):  # 5% linear warm-up, then cosine to 0 -- a fresh schedule per stage
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-
+    opt, sched, total_steps, steps_per_epoch = build_optimizer(args, params, len(train_records))
     meta = {"base": os.path.abspath(base), "stage": args.stage, "mask": mask_mode,
             "num_latents": args.latents, "latent_token_id": processor.latent_token_id,
             "train": args.train, "lora": None if args.train == "full" else
             {"rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout}}
-    step, best = 0, -1.0
-    if args.resume:
-        last = os.path.join(stage_dir, "last")
-        state = load_trainer_state(last, m, opt, sched, rank, device)
-        apply_hparams(opt, sched, args)
-        _restore_weights(m, last)
-        step, best = state["step"], state["best"]
-        if rank == 0:   # drop what a killed run logged after its last checkpoint
-            kept, torn = read_metrics(os.path.join(stage_dir, "metrics.jsonl"), step)
-            if torn:
-                log(f"resume: dropped {torn} unreadable line(s) of metrics.jsonl (torn by the kill)")
-            with open(os.path.join(stage_dir, "metrics.jsonl"), "w") as f:
-                f.writelines(kept)
-        log(f"resumed {stage_dir}/last at step {step}")
-    elif rank == 0:
-        os.makedirs(stage_dir, exist_ok=True)
-        open(os.path.join(stage_dir, "metrics.jsonl"), "w").close()
-
-    # the input pipeline: this rank's share of each step from `step` on, packed into micro-
-    # batches in worker processes; validation in batches of 8, the same count on every rank
-    # model.prepare_batch (where the model has one) makes the step's positions, layouts and
-    # targets with the batch, in the workers, so the step itself never waits on the host
-    prepare = functools.partial(qwen.prepare_batch, cfg=m.cfg) if hasattr(qwen, "prepare_batch") else None
-    pixel_dtype = compute_dtype      # bf16 pixels on a GPU: half the bytes to copy, same numbers
-    train_batches = data.loader(
-        data.EncodedRecords(train_records, processor),
-        data.StepSampler(len(train_records), args.global_batch, rank, world, args.seed, step, total_steps),
-        data.StepBatches(processor.pad_id, args.micro_batch_tokens, args.batch_size, pixel_dtype, prepare),
-        args.workers, pin_memory=on_gpu)
-    val_batches = data.loader(
-        data.EncodedRecords(val_records, processor), data.RankShard(len(val_records), rank, world, 8),
-        data.ValBatches(processor.pad_id, pixel_dtype=pixel_dtype, prepare=prepare),
-        args.workers, pin_memory=on_gpu) if val_records else None
-
+    step, best = start_or_resume(args, m, opt, sched, stage_dir, rank, device, log)
+    train_batches, val_batches = build_loaders(args, m, processor, train_records, val_records,
+                                               step, total_steps, compute_dtype, rank, world, device)
     n_params = sum(p.numel() for p in params)
     packing = (f"packed into micro-batches of <= {args.micro_batch_tokens} tokens" if args.micro_batch_tokens
                else f"micro-batches of {args.batch_size}")
@@ -735,7 +640,7 @@ def run(args, rank, world, device, log):
         if val_batches is None:
             return
         with autocast():
-            acc = validate(m, ((to_device(b, device), w) for b, w in val_batches), mask_mode)
+            acc = val_accuracy(m, ((to_device(b, device), w) for b, w in val_batches), mask_mode)
         log(f"step {step} | val accuracy {100 * acc:.1f}%")
         if rank == 0:
             with open(metrics, "a") as f:
@@ -744,30 +649,15 @@ def run(args, rank, world, device, log):
             best = acc
             checkpoint("best")
 
+    # the loop: one optimizer step of --global-batch samples per turn
     m.train()
     t0, tokens_seen, start_step = time.time(), 0, step
     bad_steps = 0                    # consecutive non-finite steps
     steps = iter(train_batches)      # the global batch of each step: a seeded permutation per epoch
     while step < total_steps:
         micro = next(steps)          # this rank's share of the step, as micro-batches on the host
-        # one collective per step: the global answer-token count, and every rank's micro-batch
-        # count -- FSDP needs all ranks to run the same number of forward/backward passes, so a
-        # rank with fewer repeats its smallest micro-batch with weight 0
-        n_tokens, *counts = all_sum(sum(data.num_targets(b) for b in micro),
-                                    *[len(micro) if r == rank else 0 for r in range(world)])
-        weights = [1.0] * len(micro) + [0.0] * (int(max(counts)) - len(micro))
-        micro += [min(micro, key=lambda b: b["input_ids"].numel())] * (len(weights) - len(micro))
-        micro = [to_device(b, device) for b in micro]
-        loss_sum = 0.0
-        for batch, weight in zip(micro, weights):
-            with autocast():
-                ce, _ = compute_loss(m, batch, mask_mode)
-            # FSDP averages gradients over ranks; scale so the step sees the global token mean
-            (ce * (weight * world / n_tokens)).backward()
-            loss_sum += weight * ce.detach()
-            tokens_seen += int(weight) * batch["input_ids"].numel()
-        (loss_total,) = all_sum(float(loss_sum))
-        loss = loss_total / n_tokens
+        loss, tokens = accumulate(m, micro, mask_mode, autocast, rank, world, device)
+        tokens_seen += tokens
         grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(params, args.clip))
         lr = sched.get_last_lr()[0]
         # loss is all-reduced and the norm is over the full (reduced) gradient, so every rank
@@ -813,6 +703,181 @@ def run(args, rank, world, device, log):
         copy_checkpoint(src, os.path.join(stage_dir, "final"))
     log(f"stage {args.stage} done: {stage_dir}/final" +
         (f" (best val accuracy {100 * best:.1f}%)" if val_records else ""))
+
+
+def accumulate(m, micro, mask_mode, autocast, rank, world, device):
+    """Forward and backward over this rank's micro-batches of one step, the gradient summed to
+    the global token mean. Returns (the step's loss, all ranks' mean per answer token; the
+    tokens this rank computed). One collective first: the global answer-token count, and every
+    rank's micro-batch count -- FSDP needs all ranks to run the same number of forward/backward
+    passes, so a rank with fewer repeats its smallest micro-batch with weight 0."""
+    n_tokens, *counts = all_sum(sum(data.num_targets(b) for b in micro),
+                                *[len(micro) if r == rank else 0 for r in range(world)])
+    weights = [1.0] * len(micro) + [0.0] * (int(max(counts)) - len(micro))
+    micro = micro + [min(micro, key=lambda b: b["input_ids"].numel())] * (len(weights) - len(micro))
+    micro = [to_device(b, device) for b in micro]
+    loss_sum, tokens = 0.0, 0
+    for batch, weight in zip(micro, weights):
+        with autocast():
+            ce, _ = compute_loss(m, batch, mask_mode)
+        # FSDP averages gradients over ranks; scale so the step sees the global token mean
+        (ce * (weight * world / n_tokens)).backward()
+        loss_sum += weight * ce.detach()
+        tokens += int(weight) * batch["input_ids"].numel()
+    (loss_total,) = all_sum(float(loss_sum))
+    return loss_total / n_tokens, tokens
+
+
+def settle_run(args, rank, world, device, log):
+    """The run's inputs and the checks that need no data: the base checkpoint (the demo's made
+    once), the device-dependent defaults, the mask, the stage-1 checkpoint stage 2 starts from,
+    and --resume's agreement with the checkpoint. Returns (base, init, stage_dir, mask_mode)."""
+    demo = args.model is None
+    if demo and device.type == "cpu":
+        # the tiny model's matmuls are too small to split: extra threads only add wake-up costs
+        torch.set_num_threads(1)
+    if demo:
+        base, train_file, val_file = ensure_demo(args.run_dir, rank, DEMO["n_train"])
+        args.data, args.val = args.data or train_file, args.val or val_file
+    else:
+        base = qwen.resolve(args.model)
+        if not args.data:
+            raise RunError("--model given without --data: pass a training set (.jsonl or .json)")
+    on_gpu = device.type == "cuda"
+    if args.micro_batch_tokens is None:
+        # a GPU wants few long sequences whose activations fit (the 3B: ~48 GB at 8192); on
+        # CPU a long packed sequence costs more than the passes it saves (BENCH.md)
+        args.micro_batch_tokens = 8192 if on_gpu else 512
+    if args.workers is None:
+        # a GPU step leaves the host's cores free for decoding; on a small CPU machine a worker
+        # process only competes with the step for a core
+        cpus = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        args.workers = min(4, max(1, cpus - 1)) if on_gpu else 0
+    mask_mode = args.mask or masks.STAGE_MODES[args.stage]
+    if args.micro_batch_tokens < 0 or args.workers < 0:
+        raise RunError("--micro-batch-tokens and --workers must be >= 0")
+    if args.global_batch % world:
+        raise RunError(f"--global-batch {args.global_batch} is not a multiple of the "
+                       f"{world} processes")
+    if not args.micro_batch_tokens and args.global_batch % (args.batch_size * world):
+        raise RunError(f"--global-batch {args.global_batch} is not a multiple of "
+                       f"--batch-size {args.batch_size} x {world} processes")
+    stage_dir = os.path.join(args.run_dir, f"stage{args.stage}")
+    init = None
+    if args.stage == 2:
+        init = args.init or os.path.join(args.run_dir, "stage1", "final")
+        if rank == 0:
+            qwen.recover_checkpoint(init)       # a kill while stage 1 wrote `final`
+        if dist.is_initialized():
+            dist.barrier()
+        if not os.path.exists(os.path.join(init, "livr.json")):
+            raise RunError(f"stage 2 starts from a stage-1 checkpoint, and {init} has none: "
+                           f"run `train.py --stage 1` first (same --run-dir) or pass --init")
+    if args.resume:
+        if rank == 0:               # a kill mid-save: a complete last.tmp / last.old takes over
+            for name in ("last", "best"):
+                qwen.recover_checkpoint(os.path.join(stage_dir, name))
+        if dist.is_initialized():
+            dist.barrier()
+        if not qwen.is_complete(os.path.join(stage_dir, "last")):
+            raise RunError(f"--resume: no checkpoint at {stage_dir}/last to resume from")
+        saved_hparams = read_hparams(os.path.join(stage_dir, "last"))
+        check_resume(saved_hparams, hparams(args, mask_mode), os.path.join(stage_dir, "last"), log)
+    return base, init, stage_dir, mask_mode
+
+
+def read_data(args, base, rank):
+    """The processor and the records, read and checked up front (they are small); images are
+    decoded lazily, batch by batch (data.py, "Streaming")."""
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    try:
+        processor = data.Processor.from_pretrained(base, num_latents=args.latents)
+    except FileNotFoundError:
+        raise
+    except Exception as e:          # tokenizers' and json's own error types
+        raise RunError(f"cannot read the tokenizer in {base}: {type(e).__name__}: {e}") from None
+    check = lambda path: data.load_dataset(
+        path, skip_bad=args.skip_bad, max_len=args.max_len, processor=processor,
+        progress=data.progress_line(f"checking {path}") if rank == 0 else None)
+    train_records = check(args.data)
+    val_records = check(args.val) if args.val else []
+    return processor, train_records, val_records
+
+
+def place_model(m, args, device):
+    """Shard over the processes (FSDP2) or, on one device, keep fp32 masters under autocast.
+    Returns (compute dtype, a context-manager factory for the forward passes)."""
+    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    compute_dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    if dist.is_initialized():
+        shard_model(m, compute_dtype, device)
+        return compute_dtype, contextlib.nullcontext       # FSDP casts the parameters itself
+    return compute_dtype, mixed_precision(m, compute_dtype, device)
+
+
+def build_optimizer(args, params, n_records):
+    """AdamW and the schedule: 5% linear warm-up, then cosine to 0 -- a fresh one per stage.
+    Returns (opt, sched, total_steps, steps_per_epoch)."""
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=args.weight_decay)
+    steps_per_epoch = n_records // args.global_batch
+    if steps_per_epoch == 0:
+        raise RunError(f"{args.data} has {n_records} usable record(s), fewer than one "
+                       f"optimizer step's --global-batch {args.global_batch}: add data or lower "
+                       "--global-batch")
+    total_steps = max(1, int(steps_per_epoch * args.epochs))
+    warmup = max(1, int(args.warmup * total_steps))
+
+    def lr_lambda(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda), total_steps, steps_per_epoch
+
+
+def start_or_resume(args, m, opt, sched, stage_dir, rank, device, log):
+    """A fresh metrics.jsonl, or --resume: the trainer state, the (possibly new) --lr, the
+    weights and the metrics up to the resumed step. Returns (step, best val accuracy)."""
+    if not args.resume:
+        if rank == 0:
+            os.makedirs(stage_dir, exist_ok=True)
+            open(os.path.join(stage_dir, "metrics.jsonl"), "w").close()
+        return 0, -1.0
+    last = os.path.join(stage_dir, "last")
+    state = load_trainer_state(last, m, opt, sched, rank, device)
+    apply_hparams(opt, sched, args)
+    _restore_weights(m, last)
+    step, best = state["step"], state["best"]
+    if rank == 0:   # drop what a killed run logged after its last checkpoint
+        kept, torn = read_metrics(os.path.join(stage_dir, "metrics.jsonl"), step)
+        if torn:
+            log(f"resume: dropped {torn} unreadable line(s) of metrics.jsonl (torn by the kill)")
+        with open(os.path.join(stage_dir, "metrics.jsonl"), "w") as f:
+            f.writelines(kept)
+    log(f"resumed {stage_dir}/last at step {step}")
+    return step, best
+
+
+def build_loaders(args, m, processor, train_records, val_records, step, total_steps,
+                  compute_dtype, rank, world, device):
+    """The input pipeline: this rank's share of each step from `step` on, packed into micro-
+    batches in worker processes; validation in batches of 8, the same count on every rank.
+    model.prepare_batch makes the step's positions, layouts and targets with the batch, in the
+    workers, so the step itself never waits on the host. Pixels go in the compute dtype (bf16
+    on a GPU: half the bytes to copy, same numbers)."""
+    on_gpu = device.type == "cuda"
+    prepare = functools.partial(qwen.prepare_batch, cfg=m.cfg)
+    train_batches = data.loader(
+        data.EncodedRecords(train_records, processor),
+        data.StepSampler(len(train_records), args.global_batch, rank, world, args.seed, step, total_steps),
+        data.StepBatches(processor.pad_id, args.micro_batch_tokens, args.batch_size, compute_dtype, prepare),
+        args.workers, pin_memory=on_gpu)
+    val_batches = data.loader(
+        data.EncodedRecords(val_records, processor), data.RankShard(len(val_records), rank, world, 8),
+        data.ValBatches(processor.pad_id, pixel_dtype=compute_dtype, prepare=prepare),
+        args.workers, pin_memory=on_gpu) if val_records else None
+    return train_batches, val_batches
 
 
 MAX_BAD_STEPS = 3

@@ -234,8 +234,12 @@ def test_labels_cover_exactly_the_answer(ours):
     assert after == "<|im_end|>\n<|im_start|>assistant\n"
     before = ours.decode(ids[:int(lat[0])], skip_special_tokens=False)
     assert before.endswith("<|vision_end|>How many?")
-    # everything else is text
-    assert ((kinds == masks.TEXT) == ~((kinds == masks.IMAGE) | (kinds == masks.LATENT) | (labels != -100))).all()
+    # the system turn, up to its closing "\n", is SYSTEM; everything else is text
+    system = ours.decode(ids[kinds == masks.SYSTEM], skip_special_tokens=False)
+    assert system == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    assert (kinds[:int((kinds == masks.SYSTEM).sum())] == masks.SYSTEM).all()
+    other = (kinds == masks.IMAGE) | (kinds == masks.LATENT) | (kinds == masks.SYSTEM) | (labels != -100)
+    assert ((kinds == masks.TEXT) == ~other).all()
 
 
 def test_no_answer_ends_at_generation_prompt(ours):
@@ -246,7 +250,7 @@ def test_no_answer_ends_at_generation_prompt(ours):
 
 def test_ids_on_qwens_real_layout():
     """With Qwen's 151,643 BPE entries in front (dummy ones: no download), every id is looked up,
-    not assumed, and lands where QWEN25VL.md says; the latents take the unused ids from 151665."""
+    not assumed, and lands where Qwen2.5-VL's tokenizer puts it; the latents take the unused ids from 151665."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     vocab = {c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}
     vocab.update({f"x{i}": i for i in range(len(vocab), 151643)})

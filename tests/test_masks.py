@@ -8,7 +8,7 @@ from masks import ANSWER, IMAGE, LATENT, TEXT
 
 
 def reference(kinds, stage, segments):
-    """The rule in PAPER.md, one edge at a time."""
+    """The paper's rule (masks.py's docstring), one edge at a time."""
     L = len(kinds)
     out = torch.zeros(L, L, dtype=torch.bool)
     for i in range(L):
@@ -70,7 +70,7 @@ def test_bottleneck_properties():
 
 
 def test_unknown_stage():
-    with pytest.raises(ValueError, match="unknown mask stage 3"):
+    with pytest.raises(ValueError, match="unknown mask mode 3"):
         masks.build_mask(torch.zeros(3, dtype=torch.long), 3)
 
 
@@ -78,3 +78,26 @@ def test_draw_shows_the_grid():
     kinds = torch.tensor([TEXT, IMAGE, LATENT, ANSWER])
     art = masks.draw(kinds, masks.build_mask(kinds, 1))
     assert art.splitlines() == ["   tILa", "t  #...", "I  ##..", "L  ###.", "a  #.##"]
+
+
+def test_rules_are_registered_once_and_generated_tokens_follow_the_rule():
+    """Every mode is a function of RULES; SYSTEM is TEXT to every rule; a generated token is
+    an ANSWER token to the rule (under the bottleneck and answer_only: blind to the image)."""
+    g = torch.Generator().manual_seed(3)
+    assert set(masks.MODES) == {1, 2, *masks.RULES}
+    for _ in range(10):
+        kinds, segments = random_sequence(g, 24, 2)
+        as_system = torch.where(kinds == TEXT, masks.SYSTEM, kinds)
+        for mode in masks.RULES:
+            assert torch.equal(masks.build_mask(as_system, mode, segments),
+                               masks.build_mask(kinds, mode, segments))
+        batch = kinds[None]
+        assert masks.generated_keys(batch, "causal").all()
+        for mode in ("bottleneck", "answer_only"):
+            assert torch.equal(masks.generated_keys(batch, mode), batch != IMAGE)
+
+
+def test_image_index_numbers_each_image_run():
+    t, I, L = TEXT, IMAGE, LATENT
+    kinds = torch.tensor([t, I, I, t, L, t, I, L, L, I, t])
+    assert masks.image_index(kinds).tolist() == [-1, 0, 0, 0, 0, 0, 1, 1, 1, 2, 2]

@@ -209,7 +209,7 @@ def test_packing_gives_the_same_logits_as_samples_alone(demo):
 
 
 def test_prepared_batches_give_the_same_loss_and_accuracy(demo):
-    """compute_loss and validate on model.prepare_batch's batches (per-sample attention blocks,
+    """compute_loss and val_accuracy on model.prepare_batch's batches (per-sample attention blocks,
     flat logits_at, one read-back) equal the plain dense-mask path, sample by sample."""
     proc = data.Processor.from_pretrained(demo["base"], num_latents=4)
     m = model.load_pretrained(demo["base"], num_latents=4, latent_token_id=proc.latent_token_id)
@@ -232,8 +232,8 @@ def test_prepared_batches_give_the_same_loss_and_accuracy(demo):
     for mode in ("bottleneck", "causal"):
         a, b = train.compute_loss(m, plain, mode), train.compute_loss(m, prepared, mode)
         assert b[1] == a[1] and torch.allclose(b[0], a[0], rtol=1e-5)
-        acc = train.validate(m, [(plain, weight)], mode)
-        assert train.validate(m, [(prepared, weight)], mode) == acc
+        acc = train.val_accuracy(m, [(plain, weight)], mode)
+        assert train.val_accuracy(m, [(prepared, weight)], mode) == acc
         if mode == "bottleneck":      # the mode row 0's labels were made in
             assert acc == pytest.approx(1 / 3)
 

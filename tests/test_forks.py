@@ -1,0 +1,219 @@
+"""The README's three worked forks, each applied through the extension points a fork uses --
+a rule in masks.RULES, masks.place_latents, model.EXTEND, train.compute_loss and the open
+forward -- by monkeypatching, never by editing a file, and each checked for its intended effect:
+  (a) latents see the image and the question, but not the system prompt: the mask;
+  (b) K latents after each image, each group seeing only its own image: the mask, and a step;
+  (c) a stage-1 auxiliary loss on the latents' hidden states through a small extra head: it has
+      gradients, and a stage-1 checkpoint with the head loads in stage 2 and in evaluate.py."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import evaluate
+import masks
+import model
+import train
+from masks import ANSWER, IMAGE, LATENT, SYSTEM, TEXT
+
+K = 4
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A tiny random base checkpoint with its tokenizer, and a small synthetic data set."""
+    root = tmp_path_factory.mktemp("forks")
+    base = train.make_demo_base(str(root / "base"))
+    splits = data.make_synthetic(str(root / "data"), n_train=4, n_val=2, n_test=2, seed=5,
+                                 tasks=("counting",))
+    return dict(root=root, base=base, train=str(splits["train"]), val=str(splits["val"]),
+                test=str(splits["test"]))
+
+
+def image(seed, w=56, h=84):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def two_image_sample():
+    return data.Sample(images=[image(0), image(1, 84, 56)], question="Which image is brighter?",
+                       choices=["the first", "the second"], answer="A")
+
+
+def loss_of(m, enc, mask_mode):
+    """train.compute_loss on one encoded sample, through the prepared (per-sample block) path."""
+    batch = model.prepare_batch(data.collate([enc], 0), m.cfg)
+    ce, n = train.compute_loss(m, batch, mask_mode)
+    return ce / n
+
+
+# --- the open forward -----------------------------------------------------------------------
+
+def test_forward_returns_hidden_states_image_features_and_kinds(demo):
+    proc = data.Processor.from_pretrained(demo["base"], num_latents=K)
+    m = model.load_pretrained(demo["base"], num_latents=K, latent_token_id=proc.latent_token_id)
+    enc = proc.encode(two_image_sample())
+    ids, pv, thw = enc["input_ids"][None], enc["pixel_values"], enc["image_grid_thw"]
+    mask = masks.build_mask(enc["kinds"], "bottleneck")[None]
+    with torch.no_grad():
+        logits = m(ids, pv, thw, mask=mask)
+        out = m(ids, pv, thw, mask=mask, return_hidden=True)
+        feats = m.visual(pv, thw)
+    assert torch.equal(out.logits, logits)                       # the default return is unchanged
+    assert torch.allclose(m.lm_head(out.hidden), logits, atol=1e-5)
+    assert out.hidden.shape == (1, ids.shape[1], m.cfg.text.hidden_size)
+    assert torch.allclose(out.image_features, feats, atol=1e-6)
+    data_kinds = torch.where((enc["kinds"] == SYSTEM) | (enc["kinds"] == ANSWER), TEXT, enc["kinds"])
+    assert torch.equal(out.kinds[0], data_kinds)
+    # generate's mask_mode, and its old name `stage`
+    prompt = proc.encode(two_image_sample(), with_answer=False)
+    gen = lambda **kw: m.generate(prompt["input_ids"][None], prompt["pixel_values"], prompt["image_grid_thw"],
+                                  max_new_tokens=3, kinds=prompt["kinds"][None], **kw)
+    assert torch.equal(gen(mask_mode="bottleneck"), gen(stage=1))
+
+
+# --- fork (a): the latents do not see the system prompt --------------------------------------
+
+def latents_skip_system(kinds):
+    """Fork (a): the bottleneck, and the latents lose the system turn."""
+    return masks.bottleneck(kinds) & ~((kinds == LATENT)[..., :, None] & (kinds == SYSTEM)[..., None, :])
+
+
+def test_fork_a_latents_do_not_see_the_system_prompt(demo, monkeypatch):
+    monkeypatch.setitem(masks.RULES, "latents_skip_system", latents_skip_system)
+    proc = data.Processor.from_pretrained(demo["base"], num_latents=K)
+    kinds = proc.encode(two_image_sample())["kinds"]
+    assert (kinds == SYSTEM).sum() > 0 and (kinds == IMAGE).sum() > 0
+    mask = masks.build_mask(kinds, "latents_skip_system")
+    plain = masks.build_mask(kinds, "bottleneck")
+    lat, system, image_, question = (kinds == LATENT), (kinds == SYSTEM), (kinds == IMAGE), None
+    first_latent = int(lat.nonzero()[0])
+    question = (kinds == TEXT) & (torch.arange(len(kinds)) < first_latent)
+    assert not mask[lat][:, system].any()                     # the system prompt: cut
+    assert mask[lat][:, image_].all() and mask[lat][:, question].all()   # image and question: kept
+    assert torch.equal(mask[~lat], plain[~lat])               # every other row as the bottleneck
+    assert plain[lat][:, system].all()                        # (which lets the latents see it)
+    # every CLI picks the new mode up, and a training step runs under it
+    assert train.parse_args(["--stage", "1", "--mask", "latents_skip_system"]).mask == "latents_skip_system"
+    assert evaluate.parse_args(["--mask", "latents_skip_system"]).mask == "latents_skip_system"
+    m = model.load_pretrained(demo["base"], num_latents=K, latent_token_id=proc.latent_token_id)
+    assert torch.isfinite(loss_of(m, proc.encode(two_image_sample()), "latents_skip_system"))
+
+
+# --- fork (b): K latents after each image, each group seeing only its image ----------------------
+
+def latents_after_each_image(user_parts, latents, is_image=lambda part: isinstance(part, int)):
+    """Fork (b)'s layout: the K latent tokens right after every image."""
+    out = []
+    for part in user_parts:
+        out += [part, latents] if is_image(part) else [part]
+    return out
+
+
+def own_image_only(kinds):
+    """Fork (b)'s rule: the bottleneck, and each latent group loses every image but its own."""
+    which = masks.image_index(kinds)                          # the latents after image g are g
+    other = which[..., :, None] != which[..., None, :]
+    return masks.bottleneck(kinds) & ~((kinds == LATENT)[..., :, None] & (kinds == IMAGE)[..., None, :] & other)
+
+
+def test_fork_b_each_latent_group_sees_only_its_image(demo, monkeypatch):
+    monkeypatch.setattr(masks, "place_latents", latents_after_each_image)
+    monkeypatch.setitem(masks.RULES, "own_image_only", own_image_only)
+    proc = data.Processor.from_pretrained(demo["base"], num_latents=K)
+    enc = proc.encode(two_image_sample())
+    kinds = enc["kinds"]
+    assert proc.num_tokens(two_image_sample()) == len(kinds)
+    image_runs = [r for r in np.split(np.arange(len(kinds)), np.flatnonzero(np.diff(kinds.numpy())) + 1)]
+    images = [torch.tensor(r) for r in image_runs if kinds[r[0]] == IMAGE]
+    groups = [torch.tensor(r) for r in image_runs if kinds[r[0]] == LATENT]
+    assert len(images) == len(groups) == 2 and all(len(g) == K for g in groups)
+    for img, grp in zip(images, groups):                      # <|vision_end|> between them
+        assert int(grp[0]) == int(img[-1]) + 2
+    mask = masks.build_mask(kinds, "own_image_only")
+    for g, grp in enumerate(groups):
+        for i, img in enumerate(images):
+            sees = mask[grp][:, img]
+            assert sees.all() if i == g else not sees.any(), (g, i)
+    answer = kinds == ANSWER
+    assert not mask[answer][:, kinds == IMAGE].any()          # the answer still only via latents
+    # the model takes the repeated latent ids, packed or not, and the loss has gradients
+    m = model.load_pretrained(demo["base"], num_latents=K, latent_token_id=proc.latent_token_id)
+    m.latent_embeds.requires_grad_(True)
+    loss = loss_of(m, enc, "own_image_only")
+    loss.backward()
+    assert torch.isfinite(loss) and m.latent_embeds.grad.abs().sum() > 0
+
+
+# --- fork (c): a stage-1 auxiliary loss on the latents' hidden states --------------------------
+
+AUX_WEIGHT = 0.1
+
+
+def add_aux_head(m):
+    """Fork (c)'s module: a small head from the latents' hidden states to the image features."""
+    d = m.cfg.text.hidden_size
+    m.aux_head = nn.Linear(d, d, device=m.model.embed_tokens.weight.device, dtype=m.dtype)
+
+
+def aux_loss(m, out):
+    """The latents' hidden states, through the head, regress the mean image feature."""
+    latent = out.hidden[out.kinds == LATENT]                                 # (n_latents, d)
+    return F.mse_loss(m.aux_head(latent).mean(0).float(), out.image_features.mean(0).float())
+
+
+def compute_loss_with_aux(m, batch, mask_mode):
+    """Fork (c)'s train.compute_loss: the answer's cross-entropy, plus the auxiliary loss in
+    stage 1 (scaled by the answer-token count: the loop divides the sum by it)."""
+    out, targets, n = train.forward_batch(m, batch, mask_mode, return_hidden=True)
+    ce = F.cross_entropy(out.logits.float(), targets, reduction="sum")
+    if mask_mode != "bottleneck" or out.image_features is None:
+        return ce, n
+    return ce + AUX_WEIGHT * n * aux_loss(m, out), n
+
+
+def test_fork_c_aux_loss_has_gradients(demo, monkeypatch):
+    monkeypatch.setattr(model, "EXTEND", [add_aux_head])
+    proc = data.Processor.from_pretrained(demo["base"], num_latents=K)
+    m = model.load_pretrained(demo["base"], num_latents=K, latent_token_id=proc.latent_token_id)
+    # build_model's rule trains the new head (it is not in the base checkpoint)
+    base = model.base_parameter_names(m)
+    assert "aux_head.weight" not in base
+    assert masks.trainable("aux_head.weight", "lora", from_base=False)
+    for name, p in m.named_parameters():
+        p.requires_grad = masks.trainable(name, "lora", from_base=name in base)
+    batch = model.prepare_batch(data.collate([proc.encode(two_image_sample())], 0), m.cfg)
+    loss, n = compute_loss_with_aux(m, batch, "bottleneck")
+    ce, _ = train.compute_loss(m, batch, "bottleneck")
+    assert float(loss.detach()) > float(ce.detach())
+    loss.backward()
+    assert m.aux_head.weight.grad.abs().sum() > 0 and m.latent_embeds.grad.abs().sum() > 0
+    assert all(p.grad is None for k, p in m.named_parameters() if k in base)
+
+
+def test_fork_c_checkpoint_loads_in_stage_two_and_evaluate(demo, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(model, "EXTEND", [add_aux_head])
+    monkeypatch.setattr(train, "compute_loss", compute_loss_with_aux)
+    common = ["--model", demo["base"], "--data", demo["train"], "--run-dir", str(tmp_path),
+              "--latents", str(K), "--global-batch", "2", "--epochs", "1", "--max-steps", "1",
+              "--log-every", "100"]
+    train.main(["--stage", "1", *common])
+    stage1 = tmp_path / "stage1" / "last"
+    m1, meta = model.load_livr(str(stage1))
+    assert "aux_head.weight" in meta["tensors"]
+    head = model.load_pretrained(demo["base"], num_latents=K, latent_token_id=m1.latent_token_id).aux_head
+    assert not torch.equal(m1.aux_head.weight, head.weight)  # trained (and saved) in stage 1
+    train.main(["--stage", "2", "--init", str(stage1), *common])
+    m2, meta2 = model.load_livr(str(tmp_path / "stage2" / "last"))
+    assert meta2["stage"] == 2 and torch.equal(m2.aux_head.weight, m1.aux_head.weight)  # no aux grad in stage 2
+    capsys.readouterr()
+    evaluate.main(["--checkpoint", str(stage1), "--data", demo["test"], "--out", str(tmp_path / "eval"),
+                   "--attention-samples", "0"])
+    assert "accuracy" in capsys.readouterr().out
+    # without the fork's module the checkpoint is refused, naming the tensor and the hook
+    monkeypatch.setattr(model, "EXTEND", [])
+    with pytest.raises(model.CheckpointError, match="aux_head.weight.*model.EXTEND"):
+        model.load_livr(str(stage1))
