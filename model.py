@@ -179,8 +179,8 @@ class Config:
 
 
 def preset(name, vocab_size=151936, **token_ids):
-    """Model shapes by name: the real 3B, a ~100M 'small' one for benchmarks, and the 'tiny' one
-    the built-in CPU demo trains from random init in minutes."""
+    """Model shapes by name: the real 3B, Qwen3-VL-4B ('4b'), a ~100M 'small' one for benchmarks,
+    and the 'tiny' one the built-in CPU demo trains from random init in minutes."""
     shapes = {
         "3b": (dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                     num_attention_heads=16, num_key_value_heads=2, mrope_section=[16, 24, 24]),
@@ -195,8 +195,17 @@ def preset(name, vocab_size=151936, **token_ids):
                  dict(depth=2, hidden_size=64, num_heads=2, intermediate_size=128,
                       fullatt_block_indexes=[1], out_hidden_size=128)),
     }
+    if name == "4b":   # Qwen/Qwen3-VL-4B-Instruct's shapes (its config.json, the Qwen3-VL switches on)
+        text = dict(vocab_size=vocab_size, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+                    rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[24, 20, 20],
+                                         mrope_interleaved=True))
+        vision = dict(depth=24, hidden_size=1024, num_heads=16, intermediate_size=4096, patch_size=16,
+                      out_hidden_size=2560, num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17])
+        return Config.from_dict(dict(model_type="qwen3_vl", tie_word_embeddings=True, text_config=text,
+                                     vision_config=vision, **token_ids))
     if name not in shapes:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(shapes)}")
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(shapes) + ['4b']}")
     text, vision = shapes[name]
     return Config(text=TextConfig(vocab_size=vocab_size, tie_word_embeddings=True, **text),
                   vision=VisionConfig.from_dict(vision), **token_ids)
@@ -807,7 +816,7 @@ def read_config(path):
     """Config from path/config.json; a missing or malformed key is named with the file."""
     file = os.path.join(path, "config.json")
     if not os.path.exists(file):
-        raise FileNotFoundError(f"{path} has no config.json: not a Qwen2.5-VL checkpoint directory")
+        raise FileNotFoundError(f"{path} has no config.json: not a Qwen2.5-VL/Qwen3-VL checkpoint directory")
     d = read_json(file, "config")
     try:
         return Config.from_dict(d)
@@ -884,7 +893,8 @@ def save_pretrained(m: Qwen25VL, out_dir, max_shard_bytes=None):
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(m.cfg.to_dict(), f, indent=2)
     ours = m.state_dict()
-    sd = {ck: ours[k].detach().contiguous().cpu() for ck, k in hub_key_map(m, "hub").items()}
+    layout = "new" if m.cfg.qwen3 else "hub"     # Qwen3-VL's hub files use transformers 5's names
+    sd = {ck: ours[k].detach().contiguous().cpu() for ck, k in hub_key_map(m, layout).items()}
     if not max_shard_bytes:
         save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
         return

@@ -1,0 +1,199 @@
+"""Qwen3-VL: model.py/vision.py with the config's Qwen3-VL switches against transformers'
+Qwen3VLForConditionalGeneration on random checkpoints in the hub's layout (tiny.write_checkpoint
+with family="qwen3"): logits, vision and deepstack features, positions, KV-cache generation,
+the loader's strict checks, our writer; then LIVR on it (prepared batches, the bottleneck)."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import masks
+import model
+import tiny
+
+
+def rel_err(ours, ref):
+    return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def write(path, **kw):
+    return tiny.write_checkpoint(str(path), family="qwen3", **kw)
+
+
+def inputs(grids, text_lens, seed=0):
+    return tiny.inputs(grids, text_lens, seed=seed, patch=16)
+
+
+# several images of different sizes, non-square, one smaller and one larger than the learned
+# position grid (6x6 here), so the bilinear resampling both shrinks and stretches
+GRIDS = [(1, 6, 10), (1, 4, 4), (1, 2, 14)]
+
+
+@pytest.mark.parametrize("opts", [
+    dict(),                                                   # the hub's form, tied, one file
+    dict(tied=False, form="t5", shards=3),                    # untied head, transformers 5's config
+    dict(heads=8, kv_heads=1, head_dim=16, section=(2, 2, 2)),  # GQA 8, M-RoPE sections short of head_dim/2
+    dict(heads=4, kv_heads=4, tied=False, layers=2, deepstack=(0, 1, 2), depth=3,
+         num_position_embeddings=64),                         # MHA; more deepstack levels than layers
+    dict(deepstack=(), section=(6, 3, 3), hidden=96, head_dim=16),  # no deepstack; hidden != heads*head_dim
+])
+def test_logits_match_transformers(tmp_path, opts):
+    path = write(tmp_path, seed=1, **opts)
+    ref, ours = tiny.oracle(path), model.load_pretrained(path)
+    assert ours.cfg.qwen3 and not ours.cfg.vision.window_size
+    ids, pv, thw = inputs(GRIDS, [5, 7, 3, 9])
+    want = tiny.hf_logits(ref, ids, pv, thw)
+    with torch.no_grad():
+        got = ours(input_ids=ids, pixel_values=pv, image_grid_thw=thw)
+    assert got.shape == want.shape
+    assert rel_err(got, want) <= 1e-4
+
+
+def test_text_only_and_one_image(tmp_path):
+    path = write(tmp_path, seed=2)
+    ref, ours = tiny.oracle(path), model.load_pretrained(path)
+    ids, pv, thw = inputs([(1, 8, 8)], [4, 6])
+    with torch.no_grad():
+        assert rel_err(ours(ids, pv, thw), tiny.hf_logits(ref, ids, pv, thw)) <= 1e-4
+        text = ids[:, :4]
+        assert rel_err(ours(text), tiny.hf_logits(ref, text)) <= 1e-4
+
+
+def padded(samples, left=False):
+    L = max(x[0].shape[1] for x in samples)
+    ids = torch.zeros(len(samples), L, dtype=torch.long)
+    am = torch.zeros(len(samples), L, dtype=torch.long)
+    for i, x in enumerate(samples):
+        n = x[0].shape[1]
+        sl = slice(L - n, L) if left else slice(0, n)
+        ids[i, sl], am[i, sl] = x[0][0], 1
+    return ids, am, torch.cat([x[1] for x in samples]), torch.cat([x[2] for x in samples])
+
+
+def test_batch_with_padding(tmp_path):
+    """Right-padded batch of 3 samples with 1, 2 and 0 images: each row equals transformers."""
+    path = write(tmp_path, seed=3, tied=False)
+    ref, ours = tiny.oracle(path), model.load_pretrained(path)
+    ids, am, pv, thw = padded([inputs([(1, 4, 6)], [3, 8], seed=4),
+                               inputs([(1, 2, 2), (1, 6, 4)], [2, 3, 4], seed=5),
+                               inputs([], [11], seed=6)])
+    want = tiny.hf_logits(ref, ids, pv, thw, attention_mask=am)
+    with torch.no_grad():
+        got = ours(ids, pv, thw, attention_mask=am)
+    real = am.bool()
+    assert rel_err(got[real], want[real]) <= 1e-4
+
+
+def test_vision_and_deepstack_features_match(tmp_path):
+    path = write(tmp_path, seed=6, deepstack=(0, 2))
+    ref, ours = tiny.oracle(path), model.load_pretrained(path)
+    _, pv, thw = inputs(GRIDS + [(2, 4, 2)], [1, 1, 1, 1, 1])     # a 2-frame entry too
+    with torch.no_grad():
+        out = ref.model.get_image_features(pv, thw, return_dict=True)
+        feats, deep = ours.visual(pv, thw, deepstack=True)
+        assert torch.equal(ours.visual(pv, thw), feats)
+    assert rel_err(feats, torch.cat(out.pooler_output)) <= 1e-5
+    assert len(deep) == len(out.deepstack_features) == 2
+    for a, b in zip(deep, out.deepstack_features):
+        assert rel_err(a, torch.cat(b)) <= 1e-5
+
+
+def test_rope_index_matches_transformers(tmp_path):
+    path = write(tmp_path, seed=0)
+    ref, ours = tiny.oracle(path), model.load_pretrained(path)
+    ids, am, pv, thw = padded([inputs(GRIDS, [5, 7, 3, 9]), inputs([(1, 2, 4)], [2, 3], seed=1)])
+    want, _ = ref.model.get_rope_index(ids, (ids == tiny.IDS["image_token_id"]).int(), thw,
+                                       attention_mask=am)
+    assert torch.equal(ours.rope_index(ids, thw, am), want)
+
+
+def test_generate_equals_transformers(tmp_path):
+    path = write(tmp_path, seed=7)
+    ours, ref = model.load_pretrained(path), tiny.oracle(path)
+    ids, am, pv, thw = padded([inputs([(1, 4, 6)], [3, 8], seed=8),
+                               inputs([(1, 2, 2), (1, 4, 4)], [2, 3, 4], seed=9)], left=True)
+    new = ours.generate(ids, pv, thw, attention_mask=am, max_new_tokens=6, eos_token_id=-1)
+    assert new.shape == (2, 6)
+    with torch.no_grad():
+        out = ref.generate(input_ids=ids, attention_mask=am, pixel_values=pv, image_grid_thw=thw,
+                           mm_token_type_ids=(ids == tiny.IDS["image_token_id"]).int(),
+                           max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(out[:, ids.shape[1]:], new)
+
+
+def test_cached_decode_logits_equal_full_forward(tmp_path):
+    path = write(tmp_path, seed=10)
+    ours = model.load_pretrained(path)
+    ids, pv, thw = inputs([(1, 4, 4)], [3, 10], seed=11)
+    L = ids.shape[1]
+    with torch.no_grad():
+        full = ours(ids, pv, thw)
+        P = L - 4
+        pos = ours.rope_index(ids, thw)
+        ours.setup_cache(1, L)
+        step = [ours(ids[:, :P], pv, thw, position_ids=pos[..., :P], input_pos=torch.arange(P),
+                     mask=torch.ones(P, P, dtype=torch.bool).tril()[None])]
+        for i in range(P, L):
+            step.append(ours(ids[:, i:i + 1], position_ids=pos[..., i:i + 1],
+                             input_pos=torch.tensor([i]), mask=torch.ones(1, 1, i + 1, dtype=torch.bool)))
+        ours.clear_cache()
+    assert rel_err(torch.cat(step, 1), full) <= 1e-4
+
+
+def _corrupt(path, fn):
+    f = os.path.join(path, "model.safetensors")
+    sd = load_file(f)
+    fn(sd)
+    save_file(sd, f)
+
+
+def test_loader_is_strict(tmp_path):
+    path = write(tmp_path / "a")
+    _corrupt(path, lambda sd: sd.pop("model.visual.deepstack_merger_list.1.linear_fc2.bias"))
+    with pytest.raises(ValueError, match=r"missing tensor 'model.visual.deepstack_merger_list.1.linear_fc2.bias'"):
+        model.load_pretrained(path)
+    path = write(tmp_path / "b")
+    _corrupt(path, lambda sd: sd.update({"model.visual.pos_embed.weight": torch.zeros(49, 48)}))
+    with pytest.raises(ValueError, match=r"'model.visual.pos_embed.weight' in .*has shape \(49, 48\)"):
+        model.load_pretrained(path)
+    path = write(tmp_path / "c")
+    _corrupt(path, lambda sd: sd.update({"model.language_model.layers.0.self_attn.q_proj.bias": torch.zeros(96)}))
+    with pytest.raises(ValueError, match=r"unexpected tensor 'model.language_model.layers.0.self_attn.q_proj.bias'"):
+        model.load_pretrained(path)
+
+
+def test_unsupported_model_type(tmp_path):
+    cfg = tiny.config_dict3()
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen3_vl_moe"}))
+    with pytest.raises(model.CheckpointError, match="qwen3_vl_moe"):
+        model.load_pretrained(str(tmp_path))
+
+
+def test_config_forms_agree():
+    hub = model.Config.from_dict(tiny.config_dict3(form="hub"))
+    t5 = model.Config.from_dict(tiny.config_dict3(form="t5"))
+    assert hub == t5 and hub.qwen3 and hub.text.head_dim == 24 and hub.vision.patch_size == 16
+    assert model.Config.from_dict(hub.to_dict()) == hub
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    """Our writer's files (transformers 5 names, nested config) load in both to the same logits."""
+    src = write(tmp_path / "a", seed=14, tied=False)
+    m = model.load_pretrained(src)
+    model.save_pretrained(m, str(tmp_path / "b"), max_shard_bytes=200_000)
+    ids, pv, thw = inputs([(1, 4, 6)], [3, 5], seed=15)
+    with torch.no_grad():
+        want = m(ids, pv, thw)
+        got = model.load_pretrained(str(tmp_path / "b"))(ids, pv, thw)
+    assert torch.equal(got, want)
+    assert rel_err(tiny.hf_logits(tiny.oracle(str(tmp_path / "b")), ids, pv, thw), want) <= 1e-4
+
+
+def test_preset_4b_shapes():
+    cfg = model.preset("4b")
+    t, v = cfg.text, cfg.vision
+    assert cfg.qwen3 and (t.hidden_size, t.num_hidden_layers, t.head_dim, t.mrope_section) == (2560, 36, 128, [24, 20, 20])
+    assert (v.depth, v.hidden_size, v.patch_size, v.deepstack_visual_indexes) == (24, 1024, 16, (5, 11, 17))
+    assert model.Config.from_dict(cfg.to_dict()) == cfg
