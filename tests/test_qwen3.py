@@ -197,3 +197,95 @@ def test_preset_4b_shapes():
     assert cfg.qwen3 and (t.hidden_size, t.num_hidden_layers, t.head_dim, t.mrope_section) == (2560, 36, 128, [24, 20, 20])
     assert (v.depth, v.hidden_size, v.patch_size, v.deepstack_visual_indexes) == (24, 1024, 16, (5, 11, 17))
     assert model.Config.from_dict(cfg.to_dict()) == cfg
+
+
+# --- the processor: Qwen3-VL's image settings and chat template ------------------------------
+
+K = 4
+
+
+@pytest.fixture(scope="module")
+def ckpt3(tmp_path_factory):
+    import data
+    return data.build_tokenizer(tmp_path_factory.mktemp("tok3"), family="qwen3")
+
+
+@pytest.fixture(scope="module")
+def proc3(ckpt3):
+    import data
+    return data.Processor.from_pretrained(ckpt3, num_latents=K)
+
+
+@pytest.fixture(scope="module")
+def hf3(ckpt3, proc3):
+    import transformers
+
+    class ImageOnlyProcessor(transformers.Qwen3VLProcessor):
+        # the video processor needs torchvision; image-only use never touches it
+        def check_argument_for_proper_class(self, name, arg):
+            return None if arg is None else super().check_argument_for_proper_class(name, arg)
+
+    tok = transformers.AutoTokenizer.from_pretrained(ckpt3)
+    tok.add_tokens(proc3.latent_tokens, special_tokens=True)
+    image_processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(ckpt3)
+    return ImageOnlyProcessor(image_processor=image_processor, tokenizer=tok, video_processor=None,
+                              chat_template=tok.chat_template)
+
+
+def test_processor_reads_qwen3_settings(ckpt3, proc3, tmp_path):
+    import data
+    c = proc3.image_config
+    assert (c.patch_size, c.image_mean, c.image_std, c.min_pixels, c.max_pixels) == \
+        (16, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 65536, 16777216)
+    assert proc3.patch_dim == 1536 and proc3.system_prompt is None
+    assert proc3.latent_token_id == proc3.tokenizer.token_to_id("</think>") + 1
+    # a Qwen3-VL checkpoint whose preprocessor file leaves keys out gets Qwen3-VL's, not Qwen2.5-VL's
+    (tmp_path / "config.json").write_text(json.dumps(tiny.config_dict3()))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"merge_size": 2}))
+    assert data.ImageConfig.from_pretrained(tmp_path) == data.ImageConfig.qwen3()
+
+
+@pytest.mark.parametrize("w,h", [(10, 10), (640, 480), (57, 300), (3000, 2000), (33, 1500)])
+def test_preprocess_matches_transformers(ckpt3, proc3, w, h):
+    import numpy as np
+    import transformers
+    from PIL import Image
+    rng = np.random.default_rng([w, h])
+    image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    ref = transformers.Qwen2VLImageProcessorPil.from_pretrained(ckpt3)(images=[image], return_tensors="np")
+    pv, thw = proc3.preprocess(image)
+    assert list(thw) == ref["image_grid_thw"][0].tolist()
+    assert pv.shape == ref["pixel_values"].shape == (int(np.prod(thw)), 1536)
+    np.testing.assert_allclose(pv, ref["pixel_values"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("with_answer", [False, True])
+@pytest.mark.parametrize("n_images", [0, 1, 3])
+def test_token_ids_match_qwen3_chat_template(proc3, hf3, with_answer, n_images):
+    import numpy as np
+    import data
+    from PIL import Image
+    rng = np.random.default_rng(n_images)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+              for w, h in [(100, 60), (300, 300), (31, 400)][:n_images]]
+    q = data.format_prompt("Which image is more similar to the first image?", ["the second", "the third"])
+    sample = data.Sample(images=images, question=q, answer="(A)")
+    enc = proc3.encode(sample, with_answer=with_answer)
+    latents = "".join(proc3.latent_tokens)
+    content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": q + latents}]
+    messages = [{"role": "user", "content": content}]
+    if with_answer:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": data.normalize_answer("(A)")}]})
+    ref = hf3.apply_chat_template(messages, tokenize=True, add_generation_prompt=not with_answer,
+                                  return_dict=True, return_tensors="np")
+    ref_ids = ref["input_ids"][0].tolist()
+    if with_answer:   # the template ends the answer turn with "<|im_end|>\n"; ours ends at <|im_end|>
+        assert proc3.tokenizer.decode([ref_ids[-1]]) == "\n"
+        ref_ids = ref_ids[:-1]
+    assert enc["input_ids"].tolist() == ref_ids
+    assert not proc3.decode(enc["input_ids"], skip_special_tokens=False).startswith("<|im_start|>system")
+    if images:
+        assert enc["image_grid_thw"].tolist() == ref["image_grid_thw"].tolist()
+        np.testing.assert_allclose(enc["pixel_values"].numpy(), ref["pixel_values"], atol=1e-5, rtol=0)
+    else:
+        assert enc["pixel_values"].shape == (0, 1536)
