@@ -289,3 +289,104 @@ def test_token_ids_match_qwen3_chat_template(proc3, hf3, with_answer, n_images):
         np.testing.assert_allclose(enc["pixel_values"].numpy(), ref["pixel_values"], atol=1e-5, rtol=0)
     else:
         assert enc["pixel_values"].shape == (0, 1536)
+
+
+# --- LIVR on Qwen3-VL: latents, masks, LoRA, packing, train.py, evaluate.py --------------------
+
+@pytest.fixture(scope="module")
+def base3(tmp_path_factory):
+    """A tiny random Qwen3-VL base with its tokenizer, and a small synthetic data set."""
+    import data
+    root = tmp_path_factory.mktemp("base3")
+    base = tiny.write_qwen3_base(str(root / "base"), std=0.1)
+    splits = data.make_synthetic(str(root / "data"), n_train=6, n_val=2, n_test=4, seed=3)
+    return dict(base=base, train=str(splits["train"]), val=str(splits["val"]), test=str(splits["test"]))
+
+
+def test_bottleneck_cuts_the_path_with_deepstack(base3):
+    """Under the stage-1 mask the answer sees the image only through the latents, although
+    DeepStack adds image features inside the decoder (at the image positions only)."""
+    import data
+    record = data.load_dataset(base3["train"])[0]
+    for k in (0, 4):
+        proc = data.Processor.from_pretrained(base3["base"], num_latents=k)
+        m = model.load_pretrained(base3["base"], num_latents=k, latent_token_id=proc.latent_token_id)
+        assert m.cfg.qwen3 and m.cfg.vision.deepstack_visual_indexes
+        enc = proc.encode(record)
+        out = []
+        for seed in (0, 1):
+            pv = torch.randn(enc["pixel_values"].shape, generator=torch.Generator().manual_seed(seed)) * 3
+            with torch.no_grad():
+                logits = m(enc["input_ids"][None], pv, enc["image_grid_thw"],
+                           mask=masks.build_mask(enc["kinds"], 1)[None])
+            out.append(logits[0, enc["kinds"] == masks.ANSWER])
+        if k == 0:
+            assert torch.equal(out[0], out[1]), "answer saw the image without latents"
+        else:
+            assert (out[0] - out[1]).abs().max() > 1e-3, "latents did not carry the image"
+    # and the deepstack path is live: under the causal mask the answer does see the image
+    with torch.no_grad():
+        a, b = (m(enc["input_ids"][None], torch.randn(enc["pixel_values"].shape, generator=torch.Generator().manual_seed(s)),
+                  enc["image_grid_thw"]) for s in (0, 1))
+    assert (a - b).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["bottleneck", "answer_only", "causal"])
+def test_prepared_packed_batch_equals_dense_mask(base3, mode):
+    """Packed samples made ready on the host (prepare_batch: Qwen3-VL's full-attention layout and
+    positions) with per-sample attention blocks give the dense-mask logits and gradients, LoRA on."""
+    import data
+    import train
+    proc = data.Processor.from_pretrained(base3["base"], num_latents=4)
+    m = model.load_pretrained(base3["base"], num_latents=4, latent_token_id=proc.latent_token_id)
+    model.add_lora(m, rank=4, alpha=8, dropout=0.0)
+    for name, p in m.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    encoded = [proc.encode(r) for r in data.load_dataset(base3["train"])[:4]]
+    (batch,) = data.pack(encoded, sum(len(e["input_ids"]) for e in encoded) + 5)
+    prepared = model.prepare_batch(batch, m.cfg)
+    assert prepared["vision_layout"].pos_index is not None
+    real = batch["segment_ids"][0] > 0
+    with torch.no_grad():
+        dense = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
+                  mask=masks.build_mask(batch["kinds"], mode, batch["segment_ids"]),
+                  segment_ids=batch["segment_ids"])
+        fast = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
+                 mask=model.attention_blocks(batch["kinds"], mode, prepared["spans"]),
+                 position_ids=prepared["position_ids"], vision_layout=prepared["vision_layout"])
+        for i, e in enumerate(encoded):       # each packed sample equals the sample alone
+            alone = m(e["input_ids"][None], e["pixel_values"], e["image_grid_thw"],
+                      mask=masks.build_mask(e["kinds"], mode)[None])[0]
+            assert rel_err(dense[0, batch["segment_ids"][0] == i + 1], alone) <= 1e-5
+    assert rel_err(fast[0, real], dense[0, real]) <= 1e-5
+    m.train()
+    grads = []
+    for b in (batch, prepared):
+        m.zero_grad()
+        loss, n = train.compute_loss(m, b, mode)
+        (loss / n).backward()
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "latent_embeds" in grads[0]
+    for k in grads[0]:   # (some are exactly 0: a deepstack feature added after the last layer the latents feed)
+        g, want = grads[1][k], grads[0][k]
+        assert (g - want).abs().max() <= 1e-5 * want.abs().max() + 1e-12, k
+
+
+def test_train_both_stages_and_evaluate(base3, tmp_path):
+    """train.py (stage 1 with LoRA, then stage 2 from it) and evaluate.py run on a Qwen3-VL base."""
+    import evaluate
+    import train
+    common = ["--model", base3["base"], "--data", base3["train"], "--val", base3["val"],
+              "--run-dir", str(tmp_path), "--batch-size", "2", "--global-batch", "4",
+              "--log-every", "100", "--epochs", "1", "--latents", "4", "--max-steps", "2"]
+    train.main(common + ["--stage", "1"])
+    os.replace(tmp_path / "stage1" / "last", tmp_path / "stage1" / "final")
+    train.main(common + ["--stage", "2"])
+    m, meta = model.load_livr(str(tmp_path / "stage2" / "last"))
+    assert m.cfg.qwen3 and meta["stage"] == 2 and m.num_latents == 4
+    out = tmp_path / "eval"
+    evaluate.main(["--checkpoint", f"livr={tmp_path / 'stage2' / 'last'}", "--checkpoint",
+                   f"zero={base3['base']}", "--data", base3["test"], "--out", str(out),
+                   "--max-new-tokens", "4", "--attention-samples", "2", "--maps", "0"])
+    assert any(out.iterdir())
