@@ -390,3 +390,22 @@ def test_train_both_stages_and_evaluate(base3, tmp_path):
                    f"zero={base3['base']}", "--data", base3["test"], "--out", str(out),
                    "--max-new-tokens", "4", "--attention-samples", "2", "--maps", "0"])
     assert any(out.iterdir())
+
+
+def test_bench_inputs_for_the_4b_preset():
+    """bench.py --preset 4b's inputs: images snapped to 32-pixel multiples, one <|image_pad|> per
+    merged token; the preset's weights carry exactly transformers' Qwen3-VL-4B keys and shapes."""
+    import bench
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    cfg = model.preset("4b")
+    s = bench.encoded(cfg, torch.Generator().manual_seed(0), [(56, 100), (224, 224)])
+    assert s["image_grid_thw"].tolist() == [[1, 2, 6], [1, 14, 14]]
+    assert s["pixel_values"].shape == (12 + 196, 1536)
+    assert int((s["input_ids"] == cfg.image_token_id).sum()) == (12 + 196) // 4
+    with torch.device("meta"):
+        ours = model.Qwen25VL(cfg)
+        ref = Qwen3VLForConditionalGeneration(Qwen3VLConfig.from_dict(cfg.to_dict()))
+    theirs = {k: v.shape for k, v in ref.state_dict().items() if k != "lm_head.weight"}   # tied
+    mine = dict(ours.state_dict())
+    assert {ck: mine[k].shape for ck, k in model.hub_key_map(ours, "new").items()} == theirs
+    assert 4.43e9 < sum(p.numel() for p in ours.parameters()) < 4.45e9
