@@ -15,7 +15,11 @@ Mirrors transformers' `Qwen2_5_VLForConditionalGeneration` (the numerical oracle
     pays for the pairs of different samples;
   - LIVR latent tokens: K rows of their own (`latent_embeds`), trained while the tied
     embedding table stays frozen (PAPER.md, "Latent tokens");
-  - hand-written LoRA on q, k, v, o, gate, up, down that merges back for export.
+  - hand-written LoRA on q, k, v, o, gate, up, down that merges back for export;
+  - Qwen3-VL (config.json's model_type "qwen3_vl") as switches of the same classes, equal to
+    transformers' `Qwen3VLForConditionalGeneration` (tests/test_qwen3.py): q/k RMSNorm, no q/k/v
+    bias, an explicit head_dim, interleaved M-RoPE, and the vision tower's DeepStack features
+    added at the image positions after the first decoder layers (vision.py has the rest).
 
     import model
     m = model.load_pretrained("Qwen/Qwen2.5-VL-3B-Instruct")        # fp32 on CPU by default
