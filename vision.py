@@ -78,7 +78,9 @@ class VisionConfig:
         kw.pop("model_type", None)       # the vision config's own ("qwen3_vl_vision", or "qwen3_vl" on the hub)
         if model_type == "qwen3_vl" or d.get("model_type") in ("qwen3_vl", "qwen3_vl_vision"):
             # Qwen3-VL's defaults where the file leaves a key out (transformers' Qwen3VLVisionConfig)
-            kw = {"patch_size": 16, "num_position_embeddings": 2304, "hidden_act": "gelu_pytorch_tanh",
+            kw = {"depth": 27, "hidden_size": 1152, "num_heads": 16, "intermediate_size": 4304,
+                  "out_hidden_size": 3584, "patch_size": 16, "num_position_embeddings": 2304,
+                  "hidden_act": "gelu_pytorch_tanh",
                   **kw, "model_type": "qwen3_vl", "window_size": 0, "fullatt_block_indexes": ()}
             kw.setdefault("deepstack_visual_indexes", (8, 16, 24))
         if isinstance(d.get("rope_parameters"), dict) and "rope_theta" in d["rope_parameters"]:

@@ -178,6 +178,23 @@ def test_config_forms_agree():
     assert model.Config.from_dict(hub.to_dict()) == hub
 
 
+def test_config_defaults_are_transformers():
+    """A key the file leaves out means what transformers' Qwen3VL*Config says it means."""
+    from transformers import Qwen3VLConfig
+    assert model.Config.from_dict({"model_type": "qwen3_vl"}) == model.Config.from_dict(Qwen3VLConfig().to_dict())
+
+
+def test_bf16_close_to_fp32(tmp_path):
+    path = write(tmp_path, seed=12, dtype=torch.bfloat16)
+    m16, m32 = model.load_pretrained(path, dtype=None), model.load_pretrained(path)
+    assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
+    ids, pv, thw = inputs([(1, 4, 6)], [3, 5], seed=13)
+    with torch.no_grad():
+        a, b = m16(ids, pv, thw).float(), m32(ids, pv, thw)
+    assert torch.isfinite(a).all() and rel_err(a, b) < 0.1
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
+
+
 def test_save_pretrained_round_trip(tmp_path):
     """Our writer's files (transformers 5 names, nested config) load in both to the same logits."""
     src = write(tmp_path / "a", seed=14, tied=False)
