@@ -466,3 +466,23 @@ def test_bench_inputs_for_the_4b_preset():
     mine = dict(ours.state_dict())
     assert {ck: mine[k].shape for ck, k in model.hub_key_map(ours, "new").items()} == theirs
     assert 4.43e9 < sum(p.numel() for p in ours.parameters()) < 4.45e9
+
+
+@pytest.mark.parametrize("mode", ["bottleneck", "causal"])
+def test_prepared_step_never_reads_the_device(base3, mode):
+    """Forward + backward of a prepared Qwen3-VL batch (DeepStack included) on the `meta` device,
+    where any read-back to the host raises: the step only queues device work."""
+    import data
+    import train
+    proc = data.Processor.from_pretrained(base3["base"], num_latents=4)
+    encoded = [proc.encode(r) for r in data.load_dataset(base3["train"])[:3]]
+    (batch,) = data.pack(encoded, sum(len(e["input_ids"]) for e in encoded) + 3)
+    cfg = model.read_config(base3["base"])
+    with torch.device("meta"):
+        m = model.Qwen25VL(cfg, num_latents=4, latent_token_id=proc.latent_token_id)
+    model.add_lora(m, 4, 8, 0.05)
+    m.to("meta").train()
+    on_meta = {k: v.to("meta") if hasattr(v, "to") else v for k, v in model.prepare_batch(batch, cfg).items()}
+    loss, n = train.compute_loss(m, on_meta, mode)
+    (loss / n).backward()
+    assert m.latent_embeds.grad is not None
