@@ -201,24 +201,25 @@ def validation_accuracy(checkpoint):
     return f"{100 * best['val_acc']:.1f}% (step {best.get('step', '?')})"
 
 
-def model_card(meta, checkpoint, num_latents, first, grown, dtype):
+def model_card(meta, checkpoint, num_latents, first, grown, dtype, qwen3=False):
     base = meta["base"]
+    family, tag = ("Qwen3-VL", "qwen3_vl") if qwen3 else ("Qwen2.5-VL", "qwen2_5_vl")
     name = hub_id(base) or base
     lora = meta.get("lora")
     train = (f"LoRA r={lora['rank']}, alpha={lora['alpha']}, dropout={lora['dropout']} on "
              f"{', '.join(qwen.LORA_TARGETS)} (merged into the weights)" if lora
              else "the whole language model (vision encoder and merger frozen)")
     front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text",
-             "tags: [livr, qwen2_5_vl, latent-tokens]"] + (
+             f"tags: [livr, {tag}, latent-tokens]"] + (
         [f"base_model: {hub_id(base)}"] if hub_id(base) else []) + ["---", ""]
     latents = (f"<|latent_0|>..<|latent_{num_latents - 1}|>, ids {first}..{first + num_latents - 1}"
                if num_latents else "none (a Direct SFT run)")
     body = f"""# LIVR: {name} with {num_latents} latent tokens
 
-A Qwen2.5-VL model fine-tuned with LIVR (Latent Implicit Visual Reasoning): K learnable latent
+A {family} model fine-tuned with LIVR (Latent Implicit Visual Reasoning): K learnable latent
 tokens after the question, trained first under a visual bottleneck (only the latents see the
 image), then with the causal mask. Exported from `{checkpoint}` as a plain transformers
-checkpoint: the chat template adds the latents itself, so the model runs like any Qwen2.5-VL.
+checkpoint: the chat template adds the latents itself, so the model runs like any {family}.
 
 | | |
 |---|---|
@@ -292,7 +293,7 @@ def export(checkpoint, out_dir, max_shard_bytes=5 * 10**9, dtype=None):
                 "image_processor_type": "Qwen2VLImageProcessor",
                 "processor_class": "Qwen3VLProcessor" if m.cfg.qwen3 else "Qwen2_5_VLProcessor"})
         with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(model_card(meta, checkpoint, k, first, grown, dtype))
+            f.write(model_card(meta, checkpoint, k, first, grown, dtype, m.cfg.qwen3))
         pickles = [n for n in os.listdir(tmp) if n.endswith(PICKLE_SUFFIXES)]
         assert not pickles, f"pickle files in the export: {pickles}"
         umask = os.umask(0)

@@ -425,6 +425,7 @@ def test_export_runs_in_transformers(base3, tmp_path):
     hf = transformers.AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert type(hf).__name__ == "Qwen3VLForConditionalGeneration"
+    assert "A Qwen3-VL model" in open(os.path.join(out, "README.md")).read()
     for r in data.load_dataset(base3["test"])[:2]:
         enc = proc.encode(r, with_answer=False)
         content = [{"type": "image"} for _ in r.images] + [{"type": "text", "text": r.text}]
