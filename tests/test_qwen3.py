@@ -72,13 +72,14 @@ def padded(samples, left=False):
     return ids, am, torch.cat([x[1] for x in samples]), torch.cat([x[2] for x in samples])
 
 
-def test_batch_with_padding(tmp_path):
-    """Right-padded batch of 3 samples with 1, 2 and 0 images: each row equals transformers."""
+@pytest.mark.parametrize("left", [False, True])
+def test_batch_with_padding(tmp_path, left):
+    """A right- or left-padded batch of 3 samples with 1, 2 and 0 images: each row equals transformers."""
     path = write(tmp_path, seed=3, tied=False)
     ref, ours = tiny.oracle(path), model.load_pretrained(path)
     ids, am, pv, thw = padded([inputs([(1, 4, 6)], [3, 8], seed=4),
                                inputs([(1, 2, 2), (1, 6, 4)], [2, 3, 4], seed=5),
-                               inputs([], [11], seed=6)])
+                               inputs([], [11], seed=6)], left=left)
     want = tiny.hf_logits(ref, ids, pv, thw, attention_mask=am)
     with torch.no_grad():
         got = ours(ids, pv, thw, attention_mask=am)
@@ -162,6 +163,14 @@ def test_loader_is_strict(tmp_path):
     _corrupt(path, lambda sd: sd.update({"model.language_model.layers.0.self_attn.q_proj.bias": torch.zeros(96)}))
     with pytest.raises(ValueError, match=r"unexpected tensor 'model.language_model.layers.0.self_attn.q_proj.bias'"):
         model.load_pretrained(path)
+
+
+def test_legacy_key_layout_loads_the_same(tmp_path):
+    """`visual.*` / `model.*` keys (the older layout, which transformers 5 reads for Qwen2.5-VL
+    only) load into the same model as the hub's `model.visual.*` / `model.language_model.*`."""
+    a = model.load_pretrained(write(tmp_path / "hub", seed=4))
+    b = model.load_pretrained(write(tmp_path / "legacy", seed=4, layout="legacy"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def test_unsupported_model_type(tmp_path):
