@@ -1,4 +1,5 @@
-"""Tiny random Qwen2.5-VL checkpoints written in the hub's own layout, and inputs for them.
+"""Tiny random Qwen2.5-VL and Qwen3-VL (family="qwen3") checkpoints written in the hub's own
+layout, and inputs for them.
 
 The weights come from transformers' own model (so its loader must accept our files), redrawn at
 a scale where every mistake shows: a wrong rotary split, window order or norm would move the
