@@ -669,19 +669,23 @@ def met(key, value, r):
 
 
 def table(r):
-    tr, pk = r["train"], r["packing"]
-    pair = lambda a, b, key: (tr[a][key], tr[b][key])
-    rows = [("train step, tokens/s", *pair("ours", "hf", "tokens_per_s")),
-            ("train step, tokens/s (act. ckpt)", *pair("ours_ckpt", "hf_ckpt", "tokens_per_s")),
-            ("train step, peak MB added", *pair("ours", "hf", "step_mb")),
-            ("train step, peak MB added (act. ckpt)", *pair("ours_ckpt", "hf_ckpt", "step_mb"))]
-    ts, G = r["train_step"], r["global_batch"]
-    rows += [(f"optimizer step of {G} BLINK-like samples (ours packed), {name}", ts["ours"][key], ts["hf"][key])
-             for name, key in (("samples/s", "samples_per_s"), ("tokens/s", "tokens_per_s"),
-                               ("peak MB added", "step_mb"))]
-    rows += [(f"vision {px}x{px}, images/s", x["ours"], x["hf"]) for px, x in r["vision"].items()]
-    rows += [(f"decode batch {b}, tokens/s", x["ours"], x["hf"]) for b, x in r["decode"].items()]
-    rows += [("decode batch 1, tiny demo model, tokens/s", r["decode_tiny"]["ours"], r["decode_tiny"]["hf"])]
+    """The Markdown report of whatever sections ran (--only)."""
+    rows, out, extra = [], [], []
+    tr, ts, G = r.get("train"), r.get("train_step"), r["global_batch"]
+    if tr:
+        pair = lambda a, b, key: (tr[a][key], tr[b][key])
+        rows += [("train step, tokens/s", *pair("ours", "hf", "tokens_per_s")),
+                 ("train step, tokens/s (act. ckpt)", *pair("ours_ckpt", "hf_ckpt", "tokens_per_s")),
+                 ("train step, peak MB added", *pair("ours", "hf", "step_mb")),
+                 ("train step, peak MB added (act. ckpt)", *pair("ours_ckpt", "hf_ckpt", "step_mb"))]
+    if ts:
+        rows += [(f"optimizer step of {G} BLINK-like samples (ours packed), {name}", ts["ours"][key],
+                  ts["hf"][key]) for name, key in (("samples/s", "samples_per_s"),
+                                                   ("tokens/s", "tokens_per_s"), ("peak MB added", "step_mb"))]
+    rows += [(f"vision {px}x{px}, images/s", x["ours"], x["hf"]) for px, x in r.get("vision", {}).items()]
+    rows += [(f"decode batch {b}, tokens/s", x["ours"], x["hf"]) for b, x in r.get("decode", {}).items()]
+    if "decode_tiny" in r:
+        rows += [("decode batch 1, tiny demo model, tokens/s", r["decode_tiny"]["ours"], r["decode_tiny"]["hf"])]
     out = [f"{r['preset']} preset, {r['dtype']}, {r['device']}: {r['machine']}; torch {r['torch']}, "
            f"transformers {r['transformers']}, {r['threads']} threads; load average "
            f"{r['load_average_start'][0]:.1f} at the start, {r['load_average_end'][0]:.1f} at the end",
@@ -689,23 +693,27 @@ def table(r):
     out += [f"| {n} | {a:.3g} | {b:.3g} | {a / b:.2f} |" for n, a, b in rows]
     out += [f"| real / computed tokens, {k.replace('_', '-')} lengths: packed into {v['max_len']} "
             f"vs padded in batches of {v['batch_size']} | {v['packed']:.3f} | {v['padded']:.3f} | |"
-            for k, v in pk.items()]
+            for k, v in r.get("packing", {}).items()]
     out += ["", "| key | value | target | met |", "|---|---:|---:|:---:|"]
     out += [f"| {k} | {r[k]:.3f} | {op} {x} | {'yes' if met(k, r[k], r) else 'NO'} |"
             for k, (op, x) in targets(r).items() if k in r]
-    extra = [f"train_mem_ratio with activation checkpointing: {r['train_mem_ratio_ckpt']:.3f}",
-             f"first training loss, ours vs transformers: {tr['ours']['loss0']:.6f} vs "
-             f"{tr['hf']['loss0']:.6f}",
-             f"matrix multiplies {r['train_gemm_fraction']:.0%} + attention kernels "
-             f"{tr['ours']['attention_fraction']:.0%} of our step; top ops: "
-             + ", ".join(f"{k} {s:.0%}" for k, s, _ in tr["ours"]["top_ops"][:6]),
-             f"decode bound: {r['copy_bandwidth_gbs']:.1f} GB/s copy / {r['decode_weight_bytes'] / 1e6:.0f} "
-             f"MB of weights = {r['decode_bound_tokens_per_s']:.1f} tokens/s"]
-    o, h = ts["ours"], ts["hf"]
-    extra.append(f"optimizer step of {G}: ours in {o['micro_batches'] / o['samples'] * G:.1f} packed micro-batches "
-                 f"of <= {r['micro_batch_tokens']} tokens ({o['host_prepare_s'] * 1e3:.0f} ms on the host to "
-                 f"pack and prepare, off the step), transformers in {G} of batch 1; loss with dropout off "
-                 f"{o['loss_no_dropout']:.6f} vs {h['loss_no_dropout']:.6f}")
+    if tr:
+        extra += [f"train_mem_ratio with activation checkpointing: {r['train_mem_ratio_ckpt']:.3f}",
+                  f"first training loss, ours vs transformers: {tr['ours']['loss0']:.6f} vs "
+                  f"{tr['hf']['loss0']:.6f}",
+                  f"matrix multiplies {r['train_gemm_fraction']:.0%} + attention kernels "
+                  f"{tr['ours']['attention_fraction']:.0%} of our step; top ops: "
+                  + ", ".join(f"{k} {s:.0%}" for k, s, _ in tr["ours"]["top_ops"][:6])]
+    if "copy_bandwidth_gbs" in r:
+        extra.append(f"decode bound: {r['copy_bandwidth_gbs']:.1f} GB/s copy / "
+                     f"{r['decode_weight_bytes'] / 1e6:.0f} MB of weights = "
+                     f"{r['decode_bound_tokens_per_s']:.1f} tokens/s")
+    if ts:
+        o, h = ts["ours"], ts["hf"]
+        extra.append(f"optimizer step of {G}: ours in {o['micro_batches'] / o['samples'] * G:.1f} packed "
+                     f"micro-batches of <= {r['micro_batch_tokens']} tokens ({o['host_prepare_s'] * 1e3:.0f} ms "
+                     f"on the host to pack and prepare, off the step), transformers in {G} of batch 1; loss "
+                     f"with dropout off {o['loss_no_dropout']:.6f} vs {h['loss_no_dropout']:.6f}")
     if "mfu" in r:
         extra.append(f"model FLOPs utilisation (ours, batch 1): {r['mfu']:.1%}; "
                      f"largest batch that fits (act. ckpt): {tr['max_batch_ckpt']}")
@@ -713,6 +721,9 @@ def table(r):
         extra.append(f"model FLOPs utilisation, optimizer step of {G}: ours {r['train_step_mfu']:.1%}, "
                      f"transformers {r['train_step_mfu_hf']:.1%} ({ts['flops_per_step'] / 1e12:.1f} TFLOP a step)")
     return "\n".join(out + [""] + extra)
+
+
+SECTIONS = ("train", "train_step", "vision", "decode", "packing")
 
 
 def main():
@@ -729,8 +740,13 @@ def main():
     p.add_argument("--micro-batch-tokens", type=int, default=None,
                    help="token budget of our packed micro-batches in the global-batch step (default: "
                         "4096 on a GPU, where the 3B's activations take ~6 MB a token; 8192 on CPU)")
+    p.add_argument("--only", default=",".join(SECTIONS), metavar="SECTIONS",
+                   help="comma-separated subset of the sections to run (default: all): %(default)s")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
+    only = set(args.only.split(",")) - {""}
+    if only - set(SECTIONS):
+        p.error(f"--only: unknown section(s) {sorted(only - set(SECTIONS))}; choose from {SECTIONS}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:                                       # a Worker's subprocess
@@ -764,48 +780,63 @@ def main():
         path = write_checkpoint(args.preset, os.path.join(tmp, args.preset), dt)
         demo = path if args.preset == "tiny" else write_checkpoint("tiny", os.path.join(tmp, "tiny"), dt)
         cfg = read_config(path)
-        log("1. training step")
-        r["train"] = tr = bench_train(args, path)
-        log(f"1b. training step of a global batch of {args.global_batch}")
-        r["train_step"] = ts = bench_train_step(args, path, cfg)
-        ours, ref = load_ours(path, args.device, dt), load_hf(path, args.device, dt)
-        log("2. vision encoder")
-        r["vision"] = bench_vision(ours, ref, args, cfg)
-        log("3. decode")
-        r["decode"] = bench_decode(ours, ref, args, cfg, (1, 8), bandwidth=True)
-        r["copy_bandwidth_gbs"] = r["decode"].pop("copy_gbs")
-        r["decode_weight_bytes"] = decode_weight_bytes(ours)
-        del ours, ref
-        if args.preset == "tiny":
-            r["decode_tiny"] = r["decode"][1]
-        else:
-            log("   the tiny demo model (train.py's: preset tiny, its 512-token vocabulary)")
-            r["decode_tiny"] = bench_decode(load_ours(demo, args.device, dt), load_hf(demo, args.device, dt),
-                                            args, read_config(demo), (1,))[1]
-        log("4. packing")
-        r["packing"] = bench_packing(args, demo, tmp)
+        if "train" in only:
+            log("1. training step")
+            r["train"] = tr = bench_train(args, path)
+        if "train_step" in only:
+            log(f"1b. training step of a global batch of {args.global_batch}")
+            r["train_step"] = ts = bench_train_step(args, path, cfg)
+        if only & {"vision", "decode"}:
+            ours, ref = load_ours(path, args.device, dt), load_hf(path, args.device, dt)
+        if "vision" in only:
+            log("2. vision encoder")
+            r["vision"] = bench_vision(ours, ref, args, cfg)
+        if "decode" in only:
+            log("3. decode")
+            r["decode"] = bench_decode(ours, ref, args, cfg, (1, 8), bandwidth=True)
+            r["copy_bandwidth_gbs"] = r["decode"].pop("copy_gbs")
+            r["decode_weight_bytes"] = decode_weight_bytes(ours)
+        if only & {"vision", "decode"}:
+            del ours, ref
+        if "decode" in only:
+            if args.preset == "tiny":
+                r["decode_tiny"] = r["decode"][1]
+            else:
+                log("   the tiny demo model (train.py's: preset tiny, its 512-token vocabulary)")
+                r["decode_tiny"] = bench_decode(load_ours(demo, args.device, dt), load_hf(demo, args.device, dt),
+                                                args, read_config(demo), (1,))[1]
+        if "packing" in only:
+            log("4. packing")
+            r["packing"] = bench_packing(args, demo, tmp)
     r["load_average_end"] = os.getloadavg()
 
-    r["train_speedup"] = tr["ours"]["tokens_per_s"] / tr["hf"]["tokens_per_s"]
-    r["train_mem_ratio"] = tr["ours"]["step_mb"] / tr["hf"]["step_mb"]
-    r["train_speedup_ckpt"] = tr["ours_ckpt"]["tokens_per_s"] / tr["hf_ckpt"]["tokens_per_s"]
-    r["train_mem_ratio_ckpt"] = tr["ours_ckpt"]["step_mb"] / tr["hf_ckpt"]["step_mb"]
-    r["vision_speedup"] = geomean([x["speedup"] for x in r["vision"].values()])
-    r["decode_speedup"] = r["decode"][1]["speedup"]
-    r["decode_speedup_batch8"] = r["decode"][8]["speedup"]
-    r["decode_speedup_tiny"] = r["decode_tiny"]["speedup"]
-    r["packing_efficiency"] = r["packing"]["synthetic"]["packed"]
-    r["train_gemm_fraction"] = tr["ours"]["gemm_fraction"]
-    r["decode_bound_tokens_per_s"] = r["copy_bandwidth_gbs"] * 1e9 / r["decode_weight_bytes"]
-    r["decode_roofline_fraction"] = r["decode"][1]["ours"] / r["decode_bound_tokens_per_s"]
-    r["train_step_speedup"] = ts["ours"]["samples_per_s"] / ts["hf"]["samples_per_s"]
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in r["machine"]), None)
-    if args.device.startswith("cuda") and args.dtype == "bfloat16" and peak:
-        batches = train_batches(cfg, args.warmup + args.steps, args.px)[args.warmup:]
-        flops = sum(train_flops(cfg, b) for b in batches) / args.steps
-        r["mfu"] = flops / tr["ours"]["step_s"] / (peak * 1e12)
-        r["train_step_mfu"] = ts["flops_per_step"] / ts["ours"]["step_s"] / (peak * 1e12)
-        r["train_step_mfu_hf"] = ts["flops_per_step"] / ts["hf"]["step_s"] / (peak * 1e12)
+    gpu_bf16 = args.device.startswith("cuda") and args.dtype == "bfloat16" and peak
+    if "train" in only:
+        r["train_speedup"] = tr["ours"]["tokens_per_s"] / tr["hf"]["tokens_per_s"]
+        r["train_mem_ratio"] = tr["ours"]["step_mb"] / tr["hf"]["step_mb"]
+        r["train_speedup_ckpt"] = tr["ours_ckpt"]["tokens_per_s"] / tr["hf_ckpt"]["tokens_per_s"]
+        r["train_mem_ratio_ckpt"] = tr["ours_ckpt"]["step_mb"] / tr["hf_ckpt"]["step_mb"]
+        r["train_gemm_fraction"] = tr["ours"]["gemm_fraction"]
+        if gpu_bf16:
+            batches = train_batches(cfg, args.warmup + args.steps, args.px)[args.warmup:]
+            flops = sum(train_flops(cfg, b) for b in batches) / args.steps
+            r["mfu"] = flops / tr["ours"]["step_s"] / (peak * 1e12)
+    if "train_step" in only:
+        r["train_step_speedup"] = ts["ours"]["samples_per_s"] / ts["hf"]["samples_per_s"]
+        if gpu_bf16:
+            r["train_step_mfu"] = ts["flops_per_step"] / ts["ours"]["step_s"] / (peak * 1e12)
+            r["train_step_mfu_hf"] = ts["flops_per_step"] / ts["hf"]["step_s"] / (peak * 1e12)
+    if "vision" in only:
+        r["vision_speedup"] = geomean([x["speedup"] for x in r["vision"].values()])
+    if "decode" in only:
+        r["decode_speedup"] = r["decode"][1]["speedup"]
+        r["decode_speedup_batch8"] = r["decode"][8]["speedup"]
+        r["decode_speedup_tiny"] = r["decode_tiny"]["speedup"]
+        r["decode_bound_tokens_per_s"] = r["copy_bandwidth_gbs"] * 1e9 / r["decode_weight_bytes"]
+        r["decode_roofline_fraction"] = r["decode"][1]["ours"] / r["decode_bound_tokens_per_s"]
+    if "packing" in only:
+        r["packing_efficiency"] = r["packing"]["synthetic"]["packed"]
     r["compared"] = ("same random weights and dtype on both sides; LoRA r16 (our LoRALinear) + 16 "
                      "latent rows trainable on both; the same stage-1 mask; AdamW; transformers with "
                      "sdpa, full-vocabulary logits and its own loss")

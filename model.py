@@ -1034,7 +1034,7 @@ def required_tensors(m: Qwen25VL, meta):
     latent rows (K > 0) and every LoRA factor (a LoRA run)."""
     listed = meta.get("tensors") or []
     if not isinstance(listed, list) or not all(isinstance(k, str) for k in listed):
-        raise CheckpointError(f"livr.json: \"tensors\" must be a list of tensor names")
+        raise CheckpointError("livr.json: \"tensors\" must be a list of tensor names")
     need = set(listed)
     if m.num_latents:
         need.add("latent_embeds")

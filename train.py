@@ -81,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch-tokens", type=int,
                    help="token budget of a packed micro-batch: a device's samples of a step are "
                         "packed into as few sequences of at most this many tokens as fit, each "
-                        "sample its own segment (default: 16384 on GPU, 512 on CPU); 0: no "
+                        "sample its own segment (default: 8192 on GPU, 512 on CPU); 0: no "
                         "packing, --batch-size samples per padded micro-batch")
     p.add_argument("--batch-size", type=int,
                    help="with --micro-batch-tokens 0 only: samples per padded micro-batch "
@@ -592,10 +592,10 @@ def run(args, rank, world, device, log):
             setattr(args, k, default)
     on_gpu = device.type == "cuda"
     if args.micro_batch_tokens is None:
-        # a GPU wants few long sequences; on CPU the dense [L, L] attention of a long packed
-        # sequence costs more than the passes it saves (the demo: 512 about as fast as padded
-        # batches of 4, 1024 as slow as one sample at a time)
-        args.micro_batch_tokens = 16384 if on_gpu else 512
+        # a GPU wants few long sequences, as long as their activations fit: the 3B keeps ~6 MB
+        # a token for backward, so 8192 tokens take ~48 GB (more: --activation-checkpointing). On
+        # CPU the demo ran as fast at 512 as with padded batches of 4; longer was slower.
+        args.micro_batch_tokens = 8192 if on_gpu else 512
     if args.workers is None:
         # a GPU step leaves the host's cores free for decoding; on the 2-core CPU demo machine a
         # worker process only competes with the step for a core

@@ -117,10 +117,7 @@ def test_fsdp_two_processes_equal_one(demo, tmp_path):
     one = [a if a != str(tmp_path / "x") else str(tmp_path / "one") for a in common]
     two = [a if a != str(tmp_path / "x") else str(tmp_path / "two") for a in common]
     train.main(one)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", tiny.free_port(), os.path.join(ROOT, "train.py"), *two],
-                   check=True, cwd=ROOT, env=env, capture_output=True)
+    tiny.torchrun(2, os.path.join(ROOT, "train.py"), *two)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 6
     assert a == pytest.approx(b, rel=1e-4)
@@ -335,11 +332,8 @@ def test_fsdp_packed_step_equals_per_sample_accumulation(demo, tmp_path, mask_mo
               "--train", "full", "--latents", "4", "--global-batch", "8", "--max-steps", "3",
               "--log-every", "100"]
     train.main(common + ["--run-dir", str(tmp_path / "one"), "--micro-batch-tokens", "0", "--batch-size", "1"])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", tiny.free_port(), os.path.join(ROOT, "train.py"), *common,
-                    "--run-dir", str(tmp_path / "two"), "--micro-batch-tokens", "144"],
-                   check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
+    tiny.torchrun(2, os.path.join(ROOT, "train.py"), *common, "--run-dir", str(tmp_path / "two"),
+                  "--micro-batch-tokens", "144", timeout=300)
     metrics = lambda d: [r for r in map(json.loads, open(d / "stage1" / "metrics.jsonl")) if "loss" in r]
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert len(one) == len(two) == 3

@@ -179,15 +179,10 @@ def test_stale_old_and_tmp_never_block_a_save(demo, stage1, tmp_path):
 def test_fsdp_kill_and_resume_reproduces_losses(demo, tmp_path):
     """Two processes: the trainer state (full optimizer state, each rank's RNG) goes through
     safetensors + JSON and back into the sharded optimizer; LoRA dropout on."""
-    import subprocess
-    import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def torchrun(*extra):
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", tiny.free_port(), os.path.join(root, "train.py"), *extra],
-                       check=True, cwd=root, env=env, capture_output=True)
+        tiny.torchrun(2, os.path.join(root, "train.py"), *extra)
     common = ["--batch-size", "1", "--save-every", "2"]
     torchrun(*run_args(demo, tmp_path / "full", *common))
     torchrun(*run_args(demo, tmp_path / "cut", *common, "--max-steps", "3"))

@@ -167,6 +167,20 @@ def free_port():
         return str(s.getsockname()[1])
 
 
+def torchrun(nproc, script, *argv, timeout=600, **kw):
+    """Run `script` under torch.distributed.run with nproc processes on a free port; a failure
+    raises with the end of the processes' output (a bare CalledProcessError says nothing)."""
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **kw.pop("env", {})}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                        "--master_port", free_port(), script, *argv],
+                       cwd=os.path.dirname(script), env=env, capture_output=True, text=True,
+                       timeout=timeout, **kw)
+    assert r.returncode == 0, f"torchrun {script} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return r.stdout
+
+
 def write_qwen3_base(path, std=0.02, seed=0, min_pixels=64 * 64, max_pixels=128 * 128, **cfg_kwargs):
     """A random tiny Qwen3-VL base for LIVR runs, as train.make_demo_base makes the Qwen2.5-VL
     one: Qwen3-VL's tokenizer files (data.build_tokenizer(family="qwen3"), small pixel limits so
