@@ -453,10 +453,17 @@ class ImageConfig:
     image_std: tuple = OPENAI_CLIP_STD
 
     @classmethod
-    def from_dict(cls, d):
+    def qwen3(cls):
+        """Qwen/Qwen3-VL-4B-Instruct's preprocessor_config.json: 16-pixel patches, mean = std = 0.5,
+        size {shortest_edge: 65536, longest_edge: 16777216}."""
+        return cls(min_pixels=65536, max_pixels=16777216, patch_size=16,
+                   image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+
+    @classmethod
+    def from_dict(cls, d, defaults=None):
         # transformers lets min_pixels/max_pixels override size={shortest_edge, longest_edge}
         size = d.get("size") or {}
-        c = cls()
+        c = defaults or cls()
         c.min_pixels = int(d.get("min_pixels") or size.get("shortest_edge") or c.min_pixels)
         c.max_pixels = int(d.get("max_pixels") or size.get("longest_edge") or c.max_pixels)
         for k in ("patch_size", "temporal_patch_size", "merge_size"):
@@ -468,16 +475,31 @@ class ImageConfig:
     @classmethod
     def from_pretrained(cls, path):
         path = Path(path)
+        defaults = cls.qwen3() if is_qwen3(path) else cls()   # what a key the file leaves out means
         for name, part in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
             file = path / name                     # transformers 5 may nest it in the second
             if not file.exists():
                 continue
             try:
                 d = json.loads(file.read_text(encoding="utf-8"))
-                return cls.from_dict(d if part is None else d.get(part, {}))
+                return cls.from_dict(d if part is None else d.get(part, {}), defaults)
             except (ValueError, TypeError, AttributeError) as e:
                 raise ValueError(f"{file}: not a valid image processor config ({type(e).__name__}: {e})") from None
-        return cls()
+        return defaults
+
+
+def is_qwen3(path):
+    """A Qwen3-VL checkpoint directory: its config.json says model_type "qwen3_vl", or (a
+    tokenizer-only directory) its preprocessor_config.json names the Qwen3-VL processor."""
+    for name, key, want in (("config.json", "model_type", "qwen3_vl"),
+                            ("preprocessor_config.json", "processor_class", "Qwen3VLProcessor")):
+        try:
+            d = json.loads((Path(path) / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(d, dict) and key in d:
+            return d[key] == want
+    return False
 
 
 def smart_resize(height, width, factor=28, min_pixels=56 * 56, max_pixels=28 * 28 * 16384):
@@ -580,6 +602,9 @@ QWEN_ADDED_TOKENS = [
     ("<tool_call>", False), ("</tool_call>", False), ("<|fim_prefix|>", False), ("<|fim_middle|>", False),
     ("<|fim_suffix|>", False), ("<|fim_pad|>", False), ("<|repo_name|>", False), ("<|file_sep|>", False),
 ]
+# Qwen3's tokenizer adds these after them (ids 151665..151668), so its latents start at 151669
+QWEN3_EXTRA_TOKENS = [("<tool_response>", False), ("</tool_response>", False), ("<think>", False),
+                      ("</think>", False)]
 # Qwen2's pre-tokenizer: letters, single digits, punctuation runs, newlines and spaces split apart
 QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
                            r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
@@ -605,14 +630,140 @@ QWEN25VL_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# Qwen3-VL-Instruct's chat template, verbatim (its chat_template.json), for the same purpose. For
+# LIVR's single user turn it renders what Qwen2.5-VL's does, minus the default system turn.
+QWEN3VL_CHAT_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {%- if messages[0].content is string %}
+            {{- messages[0].content }}
+        {%- else %}
+            {%- for content in messages[0].content %}
+                {%- if 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' }}
+        {%- if messages[0].content is string %}
+            {{- messages[0].content }}
+        {%- else %}
+            {%- for content in messages[0].content %}
+                {%- if 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set image_count = namespace(value=0) %}
+{%- set video_count = namespace(value=0) %}
+{%- for message in messages %}
+    {%- if message.role == "user" %}
+        {{- '<|im_start|>' + message.role + '\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for content in message.content %}
+                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
+                    {%- set image_count.value = image_count.value + 1 %}
+                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}
+                    <|vision_start|><|image_pad|><|vision_end|>
+                {%- elif content.type == 'video' or 'video' in content %}
+                    {%- set video_count.value = video_count.value + 1 %}
+                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}
+                    <|vision_start|><|video_pad|><|vision_end|>
+                {%- elif 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role + '\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for content_item in message.content %}
+                {%- if 'text' in content_item %}
+                    {{- content_item.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and message.content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for content in message.content %}
+                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
+                    {%- set image_count.value = image_count.value + 1 %}
+                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}
+                    <|vision_start|><|image_pad|><|vision_end|>
+                {%- elif content.type == 'video' or 'video' in content %}
+                    {%- set video_count.value = video_count.value + 1 %}
+                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}
+                    <|vision_start|><|video_pad|><|vision_end|>
+                {%- elif 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+
 
 def render_chat(user_parts, answer=None, system_prompt=DEFAULT_SYSTEM_PROMPT):
     """QWEN25VL_CHAT_TEMPLATE in plain Python for one user turn. user_parts: strings, and ints for
     images (the int = that image's number of <|image_pad|> tokens, already expanded as the
     processor does). Returns (text, answer_start): without an answer the text ends with the
     generation prompt; with one it ends at the answer's <|im_end|> (the template's trailing "\\n"
-    is never trained on or generated, so we drop it)."""
-    text = f"<|im_start|>system\n{system_prompt}<|im_end|>\n<|im_start|>user\n"
+    is never trained on or generated, so we drop it). system_prompt None: no system turn, as
+    QWEN3VL_CHAT_TEMPLATE renders a conversation that has none."""
+    text = "" if system_prompt is None else f"<|im_start|>system\n{system_prompt}<|im_end|>\n"
+    text += "<|im_start|>user\n"
     for part in user_parts:
         text += part if isinstance(part, str) else "<|vision_start|>" + "<|image_pad|>" * part + "<|vision_end|>"
     text += "<|im_end|>\n<|im_start|>assistant\n"
@@ -674,7 +825,8 @@ class Processor:
             tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         except Exception as e:                 # the tokenizers library raises a bare Exception
             raise ValueError(f"{path / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
-        return cls(tokenizer, image_config, num_latents)
+        # Qwen3-VL's template has no default system turn
+        return cls(tokenizer, image_config, num_latents, None if is_qwen3(path) else DEFAULT_SYSTEM_PROMPT)
 
     def image_tokens(self, width, height):
         """<|image_pad|> count for an image of this size (no pixels touched)."""
@@ -1009,13 +1161,20 @@ def loader(dataset, batch_sampler, collate_fn, workers=0, pin_memory=False, ahea
 # The embedded default: the demo's tokenizer, then the synthetic tasks (kept apart from the
 # path a real record takes)
 
-def build_tokenizer(out_dir, corpus=None, vocab_size=1000, min_pixels=56 * 56, max_pixels=28 * 28 * 16384):
+def build_tokenizer(out_dir, corpus=None, vocab_size=1000, min_pixels=None, max_pixels=None, family="qwen2.5"):
     """Write a small Qwen2.5-VL-shaped checkpoint tokenizer into out_dir (tokenizer.json,
     tokenizer_config.json with the chat template, chat_template.json, preprocessor_config.json).
     Byte-level BPE trained on `corpus` (default: the synthetic tasks' and BLINK's wording), so any
     text still encodes (bytes are the base alphabet); Qwen's added tokens follow the BPE vocab as
     on the real tokenizer. Deterministic; well under a second. vocab_size is an upper bound: the
-    default corpus stops at ~425 BPE tokens (447 with Qwen's added tokens, before latents)."""
+    default corpus stops at ~425 BPE tokens (447 with Qwen's added tokens, before latents).
+    family "qwen3": Qwen3-VL's files instead (its 4 more added tokens, its chat template, and its
+    preprocessor_config.json: 16-pixel patches, mean/std 0.5, its pixel limits)."""
+    qwen3 = family == "qwen3"
+    image = ImageConfig.qwen3() if qwen3 else ImageConfig()
+    min_pixels, max_pixels = min_pixels or image.min_pixels, max_pixels or image.max_pixels
+    added_tokens = QWEN_ADDED_TOKENS + (QWEN3_EXTRA_TOKENS if qwen3 else [])
+    template = QWEN3VL_CHAT_TEMPLATE if qwen3 else QWEN25VL_CHAT_TEMPLATE
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
@@ -1028,25 +1187,29 @@ def build_tokenizer(out_dir, corpus=None, vocab_size=1000, min_pixels=56 * 56, m
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=1, show_progress=False, special_tokens=[],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus if corpus is not None else default_corpus(), trainer)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, s in QWEN_ADDED_TOKENS if s])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, s in QWEN_ADDED_TOKENS if not s])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, s in added_tokens if s])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, s in added_tokens if not s])
     tok.save(str(out_dir / "tokenizer.json"))
 
     added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                       "single_word": False, "special": s} for t, s in QWEN_ADDED_TOKENS}
+                                       "single_word": False, "special": s} for t, s in added_tokens}
     tokenizer_config = {
         "tokenizer_class": "Qwen2Tokenizer", "model_max_length": 131072, "errors": "replace",
         "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
         "add_prefix_space": False, "split_special_tokens": False, "clean_up_tokenization_spaces": False,
-        "added_tokens_decoder": added, "chat_template": QWEN25VL_CHAT_TEMPLATE,
+        "added_tokens_decoder": added, "chat_template": template,
     }
     preprocessor_config = {
-        "min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": 14, "temporal_patch_size": 2,
-        "merge_size": 2, "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
-        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+        "min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": image.patch_size, "temporal_patch_size": 2,
+        "merge_size": 2, "image_mean": list(image.image_mean), "image_std": list(image.image_std),
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen3VLProcessor" if qwen3 else "Qwen2_5_VLProcessor",
     }
+    if qwen3:   # as the hub's file has them: the pixel limits as size={shortest_edge, longest_edge}
+        del preprocessor_config["min_pixels"], preprocessor_config["max_pixels"]
+        preprocessor_config["size"] = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     files = {"tokenizer_config.json": tokenizer_config, "preprocessor_config.json": preprocessor_config,
-             "chat_template.json": {"chat_template": QWEN25VL_CHAT_TEMPLATE}}
+             "chat_template.json": {"chat_template": template}}
     for name, obj in files.items():
         (out_dir / name).write_text(json.dumps(obj, indent=2) + "\n")
     return out_dir

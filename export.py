@@ -97,10 +97,17 @@ def weight_dtype(path):
 # ----------------------------------------------------------------------------------------------
 # The prompt: tokenizer and chat template
 
-def chat_template(num_latents):
+def chat_template(num_latents, qwen3=False):
     """data.QWEN25VL_CHAT_TEMPLATE with the K latent tokens at the end of every user turn, right
     before its <|im_end|> -- where data.Processor.user_parts puts them (after the question text,
-    whether the content is a string or a list of images and texts)."""
+    whether the content is a string or a list of images and texts). qwen3: the same in
+    data.QWEN3VL_CHAT_TEMPLATE."""
+    if qwen3:
+        latents = "".join(data.LATENT_TOKEN.format(i) for i in range(num_latents))
+        t = data.QWEN3VL_CHAT_TEMPLATE
+        end_of_user = "        {{- '<|im_end|>\\n' }}\n    {%- elif message.role == \"assistant\" %}"
+        assert t.count(end_of_user) == 1, end_of_user
+        return t.replace(end_of_user, end_of_user.replace("'<|im_end|>", "'" + latents + "<|im_end|>"))
     if not num_latents:
         return data.QWEN25VL_CHAT_TEMPLATE
     latents = "{% if message['role'] == 'user' %}" + "".join(
@@ -194,24 +201,25 @@ def validation_accuracy(checkpoint):
     return f"{100 * best['val_acc']:.1f}% (step {best.get('step', '?')})"
 
 
-def model_card(meta, checkpoint, num_latents, first, grown, dtype):
+def model_card(meta, checkpoint, num_latents, first, grown, dtype, qwen3=False):
     base = meta["base"]
+    family, tag = ("Qwen3-VL", "qwen3_vl") if qwen3 else ("Qwen2.5-VL", "qwen2_5_vl")
     name = hub_id(base) or base
     lora = meta.get("lora")
     train = (f"LoRA r={lora['rank']}, alpha={lora['alpha']}, dropout={lora['dropout']} on "
              f"{', '.join(qwen.LORA_TARGETS)} (merged into the weights)" if lora
              else "the whole language model (vision encoder and merger frozen)")
     front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text",
-             "tags: [livr, qwen2_5_vl, latent-tokens]"] + (
+             f"tags: [livr, {tag}, latent-tokens]"] + (
         [f"base_model: {hub_id(base)}"] if hub_id(base) else []) + ["---", ""]
     latents = (f"<|latent_0|>..<|latent_{num_latents - 1}|>, ids {first}..{first + num_latents - 1}"
                if num_latents else "none (a Direct SFT run)")
     body = f"""# LIVR: {name} with {num_latents} latent tokens
 
-A Qwen2.5-VL model fine-tuned with LIVR (Latent Implicit Visual Reasoning): K learnable latent
+A {family} model fine-tuned with LIVR (Latent Implicit Visual Reasoning): K learnable latent
 tokens after the question, trained first under a visual bottleneck (only the latents see the
 image), then with the causal mask. Exported from `{checkpoint}` as a plain transformers
-checkpoint: the chat template adds the latents itself, so the model runs like any Qwen2.5-VL.
+checkpoint: the chat template adds the latents itself, so the model runs like any {family}.
 
 | | |
 |---|---|
@@ -272,7 +280,7 @@ def export(checkpoint, out_dir, max_shard_bytes=5 * 10**9, dtype=None):
     try:
         qwen.save_pretrained(m, tmp, max_shard_bytes=max_shard_bytes)
         write_configs(m, base, tmp, processor, k, first, dtype)
-        write_tokenizer(processor, base, tmp, chat_template(k))
+        write_tokenizer(processor, base, tmp, chat_template(k, m.cfg.qwen3))
         for name in COPIED:
             if os.path.isfile(os.path.join(base, name)):
                 shutil.copyfile(os.path.join(base, name), os.path.join(tmp, name))
@@ -282,9 +290,10 @@ def export(checkpoint, out_dir, max_shard_bytes=5 * 10**9, dtype=None):
                 "min_pixels": c.min_pixels, "max_pixels": c.max_pixels, "patch_size": c.patch_size,
                 "temporal_patch_size": c.temporal_patch_size, "merge_size": c.merge_size,
                 "image_mean": list(c.image_mean), "image_std": list(c.image_std),
-                "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor"})
+                "image_processor_type": "Qwen2VLImageProcessor",
+                "processor_class": "Qwen3VLProcessor" if m.cfg.qwen3 else "Qwen2_5_VLProcessor"})
         with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(model_card(meta, checkpoint, k, first, grown, dtype))
+            f.write(model_card(meta, checkpoint, k, first, grown, dtype, m.cfg.qwen3))
         pickles = [n for n in os.listdir(tmp) if n.endswith(PICKLE_SUFFIXES)]
         assert not pickles, f"pickle files in the export: {pickles}"
         umask = os.umask(0)

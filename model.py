@@ -18,7 +18,11 @@ Mirrors transformers' `Qwen2_5_VLForConditionalGeneration` (the numerical oracle
   - hand-written LoRA on q, k, v, o, gate, up, down that merges back for export;
   - open to forks: `forward(..., return_hidden=True)` returns an `Output` (logits, last hidden
     states, image features, token kinds), and `EXTEND` adds a fork's modules after the strict
-    hub load, which `load_livr` then fills from a checkpoint.
+    hub load, which `load_livr` then fills from a checkpoint;
+  - Qwen3-VL (config.json's model_type "qwen3_vl") as switches of the same classes, equal to
+    transformers' `Qwen3VLForConditionalGeneration` (tests/test_qwen3.py): q/k RMSNorm, no q/k/v
+    bias, an explicit head_dim, interleaved M-RoPE, and the vision tower's DeepStack features
+    added at the image positions after the first decoder layers (vision.py has the rest).
 
     import model
     m = model.load_pretrained("Qwen/Qwen2.5-VL-3B-Instruct")        # fp32 on CPU by default
@@ -60,10 +64,16 @@ class TextConfig:
     rope_theta: float = 1e6
     mrope_section: list = field(default_factory=lambda: [16, 24, 24])
     tie_word_embeddings: bool = True
+    # Qwen3-VL's switches (Config.from_dict sets them from a "qwen3_vl" config.json)
+    attention_bias: bool = True          # q/k/v bias (Qwen3: the config's attention_bias, False)
+    o_proj_bias: bool = False            # Qwen3 gives o_proj the same bias as q/k/v
+    qk_norm: bool = False                # RMSNorm over each head of q and k before RoPE
+    mrope_interleaved: bool = False      # M-RoPE channels T,H,W,T,H,W,... instead of three blocks
+    explicit_head_dim: int = 0           # the config's head_dim (Qwen3-VL-4B: 128 != 2560/32); 0 = hidden/heads
 
     @property
     def head_dim(self):
-        return self.hidden_size // self.num_attention_heads
+        return self.explicit_head_dim or self.hidden_size // self.num_attention_heads
 
 
 @dataclass
@@ -75,11 +85,22 @@ class Config:
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
     eos_token_id: int = 151645
+    model_type: str = "qwen2_5_vl"       # or "qwen3_vl": the switch the config.json decides
+
+    @property
+    def qwen3(self):
+        return self.model_type == "qwen3_vl"
 
     @classmethod
     def from_dict(cls, d):
         """Both forms that exist: the hub's flat one (text fields at the top, `rope_scaling`) and
-        transformers 5's nested one (`text_config`, `rope_parameters`)."""
+        transformers 5's nested one (`text_config`, `rope_parameters`). A "qwen3_vl" model_type
+        (Qwen3-VL 2B/4B/8B, always nested) turns on the Qwen3-VL switches."""
+        model_type = d.get("model_type", "qwen2_5_vl")
+        if str(model_type).startswith("qwen3_vl") and model_type != "qwen3_vl":
+            raise ValueError(f"model_type {model_type!r} is not supported (dense Qwen3-VL is \"qwen3_vl\")")
+        if model_type == "qwen3_vl":
+            return cls._from_qwen3_dict(d)
         t = {**d, **d.get("text_config", {})}
         rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
         text = TextConfig(
@@ -98,9 +119,42 @@ class Config:
         return cls(text=text, vision=VisionConfig.from_dict(d["vision_config"]),
                    eos_token_id=eos[0] if isinstance(eos, list) else eos, **ids)
 
+    @classmethod
+    def _from_qwen3_dict(cls, d):
+        """Qwen3-VL's config.json: text fields under `text_config` (the hub's `rope_scaling` +
+        `rope_theta`, or transformers 5's `rope_parameters`), defaults as transformers' Qwen3VL*Config."""
+        t = d.get("text_config") or {}
+        rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+        heads = t.get("num_attention_heads", 32)
+        bias = bool(t.get("attention_bias", False))
+        text = TextConfig(
+            vocab_size=t.get("vocab_size", 151936), hidden_size=t.get("hidden_size", 4096),
+            intermediate_size=t.get("intermediate_size", 22016),
+            num_hidden_layers=t.get("num_hidden_layers", 32), num_attention_heads=heads,
+            num_key_value_heads=t.get("num_key_value_heads") or heads,
+            rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", t.get("rope_theta", 500000.0)),
+            mrope_section=list(rope.get("mrope_section", [24, 20, 20])),
+            tie_word_embeddings=d.get("tie_word_embeddings", t.get("tie_word_embeddings", False)),
+            attention_bias=bias, o_proj_bias=bias, qk_norm=True, mrope_interleaved=True,
+            explicit_head_dim=t.get("head_dim", 128))
+        if t.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"text hidden_act {t['hidden_act']!r}: only silu is implemented")
+        assert len(text.mrope_section) == 3, "mrope_section must have 3 entries (T, H, W)"
+        eos = t.get("eos_token_id", d.get("eos_token_id", 151645))
+        ids = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                 "vision_end_token_id") if k in d}
+        return cls(text=text, vision=VisionConfig.from_dict(d.get("vision_config") or {}, "qwen3_vl"),
+                   eos_token_id=eos[0] if isinstance(eos, list) else eos, model_type="qwen3_vl", **ids)
+
     def to_dict(self):
-        """The hub's flat form, as Qwen/Qwen2.5-VL-3B-Instruct's config.json has it."""
+        """The hub's flat form, as Qwen/Qwen2.5-VL-3B-Instruct's config.json has it (Qwen3-VL:
+        the nested form transformers 5 writes)."""
+        if self.qwen3:
+            return self._qwen3_dict()
         t = asdict(self.text)
+        for k in ("attention_bias", "o_proj_bias", "qk_norm", "mrope_interleaved", "explicit_head_dim"):
+            t.pop(k)
         t["rope_scaling"] = {"type": "mrope", "mrope_section": t.pop("mrope_section")}
         return {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
                 **t, "hidden_act": "silu", "vision_config": asdict(self.vision),
@@ -109,10 +163,32 @@ class Config:
                 "vision_end_token_id": self.vision_end_token_id, "eos_token_id": self.eos_token_id,
                 "torch_dtype": "bfloat16"}
 
+    def _qwen3_dict(self):
+        t, v = self.text, asdict(self.vision)
+        text = {"model_type": "qwen3_vl_text", "vocab_size": t.vocab_size, "hidden_size": t.hidden_size,
+                "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_hidden_layers,
+                "num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.num_key_value_heads,
+                "head_dim": t.head_dim, "hidden_act": "silu", "rms_norm_eps": t.rms_norm_eps,
+                "attention_bias": t.attention_bias, "tie_word_embeddings": t.tie_word_embeddings,
+                "eos_token_id": self.eos_token_id,
+                "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta,
+                                    "mrope_section": list(t.mrope_section), "mrope_interleaved": True}}
+        vision = {k: v[k] for k in ("depth", "hidden_size", "num_heads", "intermediate_size",
+                                    "out_hidden_size", "in_channels", "patch_size", "temporal_patch_size",
+                                    "spatial_merge_size", "hidden_act", "num_position_embeddings")}
+        vision.update(model_type="qwen3_vl_vision", deepstack_visual_indexes=list(v["deepstack_visual_indexes"]),
+                      rope_parameters={"rope_type": "axial", "rope_theta": v["rope_theta"]})
+        return {"architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl",
+                "text_config": text, "vision_config": vision, "tie_word_embeddings": t.tie_word_embeddings,
+                "image_token_id": self.image_token_id, "video_token_id": self.video_token_id,
+                "vision_start_token_id": self.vision_start_token_id,
+                "vision_end_token_id": self.vision_end_token_id, "eos_token_id": self.eos_token_id,
+                "torch_dtype": "bfloat16"}
+
 
 def preset(name, vocab_size=151936, **token_ids):
-    """Model shapes by name: the real 3B, a ~100M 'small' one for benchmarks, and the 'tiny' one
-    the built-in CPU demo trains from random init in minutes."""
+    """Model shapes by name: the real 3B, Qwen3-VL-4B ('4b'), a ~100M 'small' one for benchmarks,
+    and the 'tiny' one the built-in CPU demo trains from random init in minutes."""
     shapes = {
         "3b": (dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                     num_attention_heads=16, num_key_value_heads=2, mrope_section=[16, 24, 24]),
@@ -127,8 +203,17 @@ def preset(name, vocab_size=151936, **token_ids):
                  dict(depth=2, hidden_size=64, num_heads=2, intermediate_size=128,
                       fullatt_block_indexes=[1], out_hidden_size=128)),
     }
+    if name == "4b":   # Qwen/Qwen3-VL-4B-Instruct's shapes (its config.json, the Qwen3-VL switches on)
+        text = dict(vocab_size=vocab_size, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+                    rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[24, 20, 20],
+                                         mrope_interleaved=True))
+        vision = dict(depth=24, hidden_size=1024, num_heads=16, intermediate_size=4096, patch_size=16,
+                      out_hidden_size=2560, num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17])
+        return Config.from_dict(dict(model_type="qwen3_vl", tie_word_embeddings=True, text_config=text,
+                                     vision_config=vision, **token_ids))
     if name not in shapes:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(shapes)}")
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(shapes) + ['4b']}")
     text, vision = shapes[name]
     return Config(text=TextConfig(vocab_size=vocab_size, tie_word_embeddings=True, **text),
                   vision=VisionConfig.from_dict(vision), **token_ids)
@@ -156,6 +241,10 @@ class MRoPE(nn.Module):
         self.head_dim, self.theta = cfg.head_dim, cfg.rope_theta
         # computed on the CPU explicitly so that building the model on `meta` leaves it real
         axis = torch.tensor([a for a, n in enumerate(cfg.mrope_section) for _ in range(n)], device="cpu")
+        if cfg.mrope_interleaved:  # Qwen3-VL: channel c turns with H if c % 3 == 1 (c < 3*s_h), W if 2 (c < 3*s_w), else T
+            s = cfg.mrope_section
+            axis = torch.tensor([1 if c % 3 == 1 and c < 3 * s[1] else 2 if c % 3 == 2 and c < 3 * s[2] else 0
+                                 for c in range(cfg.head_dim // 2)], device="cpu")
         self.register_buffer("axis", axis, persistent=False)           # (D/2,) in {0, 1, 2}
 
     def forward(self, position_ids, dtype):
@@ -228,16 +317,23 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = (cfg.num_attention_heads,
                                                         cfg.num_key_value_heads, cfg.head_dim)
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_proj_bias)
+        if cfg.qk_norm:   # Qwen3VLTextAttention: RMSNorm over each head's channels, before RoPE
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
         self.kv_cache = None
 
     def forward(self, x, cos, sin, mask, input_pos=None, return_attn=False):
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, L, hd)
-        k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, L, hd)
+        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, L, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                          # (B, nh | nkv, L, hd)
         v = self.v_proj(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = cos[:, None], sin[:, None]
         q = (q * cos).addcmul_(q.roll(self.head_dim // 2, -1), sin)          # q * cos + rotate_half(q) * sin
@@ -354,11 +450,12 @@ class Qwen25VL(nn.Module):
         self.lm_head.out_features = vocab_size
         self.cfg.text.vocab_size = vocab_size
 
-    def embed(self, input_ids, pixel_values, image_grid_thw, vision_layout=None, return_features=False):
+    def embed(self, input_ids, pixel_values, image_grid_thw, vision_layout=None, details=False):
         """Token embeddings with the latent rows and the image features in place. With a
         vision_layout (prepare_batch) the count of <|image_pad|> tokens was checked on the host,
-        so nothing here reads back from the device. return_features: also the image features
-        (N/4, d), None without images."""
+        so nothing here reads back from the device. details=True: returns (embeddings, image
+        features (N/4, d) or None, [Qwen3-VL's DeepStack features, one (N/4, d) per early
+        layer; empty for Qwen2.5-VL], the image-token mask (B, L) or None)."""
         x = self.model.embed_tokens(input_ids)                                    # (B, L, d)
         feats = None
         if self.num_latents:
@@ -366,14 +463,16 @@ class Qwen25VL(nn.Module):
             is_latent = (idx >= 0) & (idx < self.num_latents)
             lat = self.latent_embeds[idx.clamp(0, self.num_latents - 1)]
             x = torch.where(is_latent[..., None], lat.to(x.dtype), x)
+        deep, is_image = [], None
         if pixel_values is not None and pixel_values.numel():
-            feats = self.visual(pixel_values.to(x.dtype), image_grid_thw, vision_layout)  # (N/4, d)
+            feats, deep = self.visual(pixel_values.to(x.dtype), image_grid_thw, vision_layout,
+                                      deepstack=True)                          # (N/4, d), [(N/4, d)]
             is_image = input_ids == self.cfg.image_token_id
             if vision_layout is None and int(is_image.sum()) != feats.shape[0]:
                 raise ValueError(f"{int(is_image.sum())} <|image_pad|> tokens but "
                                  f"{feats.shape[0]} image features")
             x = x.masked_scatter(is_image[..., None], feats.to(x.dtype))
-        return (x, feats) if return_features else x
+        return (x, feats, deep, is_image) if details else x
 
     # --- M-RoPE positions -----------------------------------------------------------------------
     def rope_index(self, input_ids, image_grid_thw=None, segment_ids=None):
@@ -414,16 +513,20 @@ class Qwen25VL(nn.Module):
         # (else: one unpadded sample per row, SDPA's own causal path)
         if torch.is_tensor(mask) and mask.dim() == 3:
             mask = mask[:, None]                                                  # (B, 1, L, Lk)
-        x, feats = self.embed(input_ids, pixel_values, image_grid_thw, vision_layout, return_features=True)
+        x, feats, deep, is_image = self.embed(input_ids, pixel_values, image_grid_thw, vision_layout,
+                                              details=True)
         cos, sin = self.rope(position_ids, x.dtype)
         attns = []
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
             if self.grad_checkpointing and self.training:
                 x, att = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask,
                                                            use_reentrant=False)
             else:
                 x, att = layer(x, cos, sin, mask, input_pos, return_attn)
             attns.append(att)
+            if i < len(deep):   # Qwen3-VL's DeepStack: block features added at the image positions
+                # scattered into zeros and added, not indexed: a boolean index would wait on the device
+                x = x + torch.zeros_like(x).masked_scatter(is_image[..., None], deep[i].to(x.dtype))
         if return_hidden:
             hidden = self.model.norm(x)                                           # (B, L, d)
             h = hidden if logits_at is None else (
@@ -756,7 +859,7 @@ def read_config(path):
     """Config from path/config.json; a missing or malformed key is named with the file."""
     file = os.path.join(path, "config.json")
     if not os.path.exists(file):
-        raise FileNotFoundError(f"{path} has no config.json: not a Qwen2.5-VL checkpoint directory")
+        raise FileNotFoundError(f"{path} has no config.json: not a Qwen2.5-VL/Qwen3-VL checkpoint directory")
     d = read_json(file, "config")
     try:
         return Config.from_dict(d)
@@ -849,7 +952,8 @@ def save_pretrained(m: Qwen25VL, out_dir, max_shard_bytes=None):
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(m.cfg.to_dict(), f, indent=2)
     ours = m.state_dict()
-    sd = {ck: ours[k].detach().contiguous().cpu() for ck, k in hub_key_map(m, "hub").items()}
+    layout = "new" if m.cfg.qwen3 else "hub"     # Qwen3-VL's hub files use transformers 5's names
+    sd = {ck: ours[k].detach().contiguous().cpu() for ck, k in hub_key_map(m, layout).items()}
     if not max_shard_bytes:
         save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
         return

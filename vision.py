@@ -1,5 +1,5 @@
 """
-The Qwen2.5-VL vision encoder (ViT + patch merger), from scratch, in one file.
+The Qwen2.5-VL and Qwen3-VL vision encoders (ViT + patch merger), from scratch, in one file.
 
 Mirrors `Qwen2_5_VisionTransformerPretrainedModel` in transformers'
 `models/qwen2_5_vl/modeling_qwen2_5_vl.py`: same parameter names (the hub's `visual.*` keys
@@ -23,6 +23,15 @@ batch (on the host, with the batch) or per forward, as a padded grid [num_window
 key-padding mask, and full attention is one SDPA call per
 image over that image's windows. Windows at the right/bottom edge are partly empty; their empty
 slots hold a copy of some real patch, are masked out as keys, and are dropped before the merger.
+
+Qwen3-VL (`model_type` "qwen3_vl", the config's switch) changes five things, each a branch below:
+16x16 patches and a Conv3d with a bias; a learned [num_position_embeddings, hidden] table of
+absolute positions, bilinearly resampled (align_corners) to each image's patch grid and added
+after the patch embedding; LayerNorm and a plain GELU(tanh) MLP in the blocks; no windows
+(window_size 0: every block attends over the whole image, full_layout); a LayerNorm merger, plus
+"deepstack" mergers on the outputs of blocks `deepstack_visual_indexes`, whose features the
+decoder adds to its hidden states at the image positions after its first layers (model.py).
+Mirrors `Qwen3VLVisionModel` in transformers' `models/qwen3_vl/modeling_qwen3_vl.py`.
 
 Test: pytest -q tests/test_vision.py (parity with transformers, several image sizes in one call).
 """
@@ -51,18 +60,37 @@ class VisionConfig:
     hidden_act: str = "silu"
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    # Qwen3-VL's switches (model_type "qwen3_vl"; window_size 0 = no windows, full attention everywhere)
+    model_type: str = "qwen2_5_vl"
+    num_position_embeddings: int = 0      # rows of the learned position table (a square grid); 0 = none
+    deepstack_visual_indexes: tuple = ()  # blocks whose outputs feed the decoder's first layers
+
+    @property
+    def qwen3(self):
+        return self.model_type == "qwen3_vl"
 
     @classmethod
-    def from_dict(cls, d):
-        """Read a checkpoint's `vision_config`; hub files and transformers spell some keys differently."""
+    def from_dict(cls, d, model_type=None):
+        """Read a checkpoint's `vision_config`; hub files and transformers spell some keys differently.
+        model_type: the checkpoint's top-level one ("qwen3_vl" selects the Qwen3-VL encoder)."""
         aliases = {"in_chans": "in_channels", "num_attention_heads": "num_heads", "num_hidden_layers": "depth"}
         kw = {aliases.get(k, k): v for k, v in d.items()}
+        kw.pop("model_type", None)       # the vision config's own ("qwen3_vl_vision", or "qwen3_vl" on the hub)
+        if model_type == "qwen3_vl" or d.get("model_type") in ("qwen3_vl", "qwen3_vl_vision"):
+            # Qwen3-VL's defaults where the file leaves a key out (transformers' Qwen3VLVisionConfig)
+            kw = {"depth": 27, "hidden_size": 1152, "num_heads": 16, "intermediate_size": 4304,
+                  "out_hidden_size": 3584, "patch_size": 16, "num_position_embeddings": 2304,
+                  "hidden_act": "gelu_pytorch_tanh",
+                  **kw, "model_type": "qwen3_vl", "window_size": 0, "fullatt_block_indexes": ()}
+            kw.setdefault("deepstack_visual_indexes", (8, 16, 24))
         if isinstance(d.get("rope_parameters"), dict) and "rope_theta" in d["rope_parameters"]:
             kw["rope_theta"] = d["rope_parameters"]["rope_theta"]
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in kw.items() if k in names}
         if "fullatt_block_indexes" in kw:
             kw["fullatt_block_indexes"] = tuple(kw["fullatt_block_indexes"])
+        if "deepstack_visual_indexes" in kw:
+            kw["deepstack_visual_indexes"] = tuple(kw["deepstack_visual_indexes"])
         return cls(**kw)
 
 
@@ -74,18 +102,25 @@ class Layout(NamedTuple):
     window_mask: torch.Tensor | None  # [W, 1, 1, P] True = a real patch; None when no slot is empty
     images: list               # per image: (first slot, frames, slots per frame, key mask or None)
     merged_src: torch.Tensor   # [num_patches // m^2] merged slot of each output token, processor order
+    # Qwen3-VL only: each slot's learned position embedding as 4 bilinear taps into the table
+    pos_index: torch.Tensor | None = None   # [S, 4] long rows of pos_embed
+    pos_weight: torch.Tensor | None = None  # [S, 4] fp32 weights
 
     def to(self, device):
         mv = lambda z: None if z is None else z.to(device)
         return Layout(mv(self.src), mv(self.pos), mv(self.window_mask),
-                      [(a, t, n, mv(mask)) for a, t, n, mask in self.images], mv(self.merged_src))
+                      [(a, t, n, mv(mask)) for a, t, n, mask in self.images], mv(self.merged_src),
+                      mv(self.pos_index), mv(self.pos_weight))
 
 
 def window_layout(grid_thw, cfg):
     """Slot s of the padded grid = (frame, window row, window col, token row, token col, i, j),
     i.e. windows in raster order, merged tokens in raster order inside a window, and the m x m
     patches of a merged token last -- the same order transformers' `get_window_index` uses,
-    plus empty slots where the image ends inside a window."""
+    plus empty slots where the image ends inside a window. No windows (window_size 0, Qwen3-VL):
+    full_layout."""
+    if not cfg.window_size:
+        return full_layout(grid_thw, cfg)
     m = cfg.spatial_merge_size
     s = cfg.window_size // cfg.patch_size // m  # merged tokens per window side
     P = (s * m) ** 2                            # patch slots per window
@@ -117,6 +152,40 @@ def window_layout(grid_thw, cfg):
     slot_of_patch = torch.empty(num_patches, dtype=torch.long)
     slot_of_patch[src[valid]] = torch.arange(len(src))[valid]
     return Layout(src, pos, window_mask, images, slot_of_patch[:: m * m] // (m * m))
+
+
+def full_layout(grid_thw, cfg):
+    """The Layout of an encoder without windows (Qwen3-VL): slots are the patches in processor
+    order (no empty ones), one attention block per frame, and each patch's bilinear taps into the
+    learned position table -- transformers' get_vision_interpolation_indices_and_weights with
+    align_corners, in the same fp32 ops."""
+    m = cfg.spatial_merge_size
+    num_patches = int(grid_thw.prod(-1).sum())
+    pos, images, index, weight = [], [], [], []
+    side = int(cfg.num_position_embeddings ** 0.5)
+    slot0 = 0
+    for t, h, w in grid_thw.tolist():
+        # processor order: merged token raster, then the m x m patches of the token
+        r = torch.arange(h).view(h // m, m, 1, 1) + torch.zeros(1, 1, w // m, m, dtype=torch.long)
+        c = torch.arange(w).view(1, 1, w // m, m) + torch.zeros(h // m, m, 1, 1, dtype=torch.long)
+        r, c = r.transpose(1, 2).reshape(-1), c.transpose(1, 2).reshape(-1)      # [h*w]
+        pos.append(torch.stack([r, c], -1).repeat(t, 1))
+        images.append((slot0, t, h * w, None))
+        slot0 += t * h * w
+        if side:
+            taps = []
+            for i, n in ((r, h), (c, w)):       # per axis: 2 taps and their weights
+                src = i.float() * (side - 1) / torch.clamp(torch.tensor(n) - 1, min=1)
+                floor = torch.floor(src)
+                off = torch.arange(2)
+                taps.append(((floor.long()[:, None] + off).clamp(0, side - 1),
+                             (1 - (src[:, None] - floor[:, None] - off).abs()).clamp(min=0)))
+            (ht, hw_), (wt, ww) = taps
+            index.append((ht[:, :, None] * side + wt[:, None, :]).reshape(-1, 4).repeat(t, 1))
+            weight.append((hw_[:, :, None] * ww[:, None, :]).reshape(-1, 4).repeat(t, 1))
+    cat = lambda z: torch.cat(z) if z else None
+    return Layout(torch.arange(num_patches), torch.cat(pos), None, images,
+                  torch.arange(num_patches // (m * m)), cat(index), cat(weight))
 
 
 def rotary_cos_sin(pos, head_dim, theta):
@@ -158,11 +227,11 @@ class PatchEmbed(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
-        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=k, stride=k, bias=False)
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=k, stride=k, bias=cfg.qwen3)
 
     def forward(self, x):  # [S, c*t*p*p] -> [S, hidden]
         w = self.proj.weight
-        return F.linear(x.to(w.dtype), w.view(w.shape[0], -1))
+        return F.linear(x.to(w.dtype), w.view(w.shape[0], -1), self.proj.bias)
 
 
 class Attention(nn.Module):
@@ -206,14 +275,28 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x)))
 
 
-class Block(nn.Module):
-    # Qwen2_5_VLVisionBlock: pre-norm attention + pre-norm MLP
+class PlainMLP(nn.Module):
+    # Qwen3VLVisionMLP: linear, GELU (tanh approximation), linear; no gate
     def __init__(self, cfg):
         super().__init__()
-        self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.linear_fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.linear_fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.approximate = "tanh" if cfg.hidden_act in ("gelu_pytorch_tanh", "gelu_new") else "none"
+
+    def forward(self, x):
+        return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate=self.approximate))
+
+
+class Block(nn.Module):
+    # Qwen2_5_VLVisionBlock: pre-norm attention + pre-norm MLP (Qwen3VLVisionBlock: LayerNorms, PlainMLP)
+    def __init__(self, cfg):
+        super().__init__()
+        norm = (lambda: nn.LayerNorm(cfg.hidden_size, eps=1e-6)) if cfg.qwen3 else \
+            (lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
+        self.norm1 = norm()
         self.attn = Attention(cfg)
-        self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.norm2 = norm()
+        self.mlp = PlainMLP(cfg) if cfg.qwen3 else MLP(cfg)
 
     def forward(self, x, cos, sin, layout, full):
         # x + f(x) written as f(x).add_(x). Here and in MLP/apply_rotary the elementwise ops run in
@@ -235,29 +318,60 @@ class PatchMerger(nn.Module):
         return self.mlp(self.ln_q(x).flatten(1))
 
 
+class Qwen3Merger(nn.Module):
+    # Qwen3VLVisionPatchMerger: LayerNorm per patch (or, for a deepstack merger, over the
+    # concatenated m x m patches: postshuffle), concatenate, Linear-GELU-Linear to the LM width
+    def __init__(self, cfg, postshuffle=False):
+        super().__init__()
+        dim = cfg.hidden_size * cfg.spatial_merge_size ** 2
+        self.postshuffle = postshuffle
+        self.norm = nn.LayerNorm(dim if postshuffle else cfg.hidden_size, eps=1e-6)
+        self.linear_fc1 = nn.Linear(dim, dim)
+        self.linear_fc2 = nn.Linear(dim, cfg.out_hidden_size)
+
+    def forward(self, x):  # [M, m*m, hidden] -> [M, out_hidden]
+        x = self.norm(x.flatten(1)) if self.postshuffle else self.norm(x).flatten(1)
+        return self.linear_fc2(F.gelu(self.linear_fc1(x)))
+
+
 class VisionEncoder(nn.Module):
-    # Qwen2_5_VisionTransformerPretrainedModel (its `pooler_output`)
+    # Qwen2_5_VisionTransformerPretrainedModel (its `pooler_output`), or Qwen3VLVisionModel
     def __init__(self, cfg):
         super().__init__()
-        assert cfg.hidden_act == "silu", f"only the SwiGLU/silu vision MLP is implemented, got {cfg.hidden_act}"
+        assert cfg.qwen3 or cfg.hidden_act == "silu", \
+            f"only the SwiGLU/silu Qwen2.5-VL vision MLP is implemented, got {cfg.hidden_act}"
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg)
+        if cfg.num_position_embeddings:
+            self.pos_embed = nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.merger = PatchMerger(cfg)
+        self.merger = Qwen3Merger(cfg) if cfg.qwen3 else PatchMerger(cfg)
+        if cfg.deepstack_visual_indexes:
+            self.deepstack_merger_list = nn.ModuleList(
+                Qwen3Merger(cfg, postshuffle=True) for _ in cfg.deepstack_visual_indexes)
 
-    def forward(self, pixel_values, grid_thw=None, layout=None):
+    def forward(self, pixel_values, grid_thw=None, layout=None, deepstack=False):
         """pixel_values [num_patches, c*t*p*p], grid_thw [num_images, 3] as the image processor
         returns them -> [num_patches // m^2, out_hidden], image 0's tokens first, each image's
         tokens in merged-raster order (the order of its <|image_pad|> placeholders).
         layout: window_layout(grid_thw, cfg) made ahead (on the host, with the batch) and moved to
-        the device; without it the layout is built here, which reads grid_thw back to the host."""
+        the device; without it the layout is built here, which reads grid_thw back to the host.
+        deepstack=True: returns (features, [one [num_patches // m^2, out_hidden] per index of
+        deepstack_visual_indexes]) -- the list is empty for Qwen2.5-VL."""
         cfg, dev = self.cfg, pixel_values.device
         if layout is None:
             layout = window_layout(grid_thw.cpu(), cfg).to(dev)
         x = self.patch_embed(pixel_values[layout.src])  # [S, hidden], patches gathered into the window grid
+        if cfg.num_position_embeddings:  # learned absolute positions, resampled to the grid (full_layout)
+            pe = (self.pos_embed(layout.pos_index) * layout.pos_weight[:, :, None]).sum(1)   # [S, hidden]
+            x = x + pe.to(x.dtype)
         cos, sin = rotary_cos_sin(layout.pos, cfg.hidden_size // cfg.num_heads, cfg.rope_theta)
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, cos, sin, layout, full=i in cfg.fullatt_block_indexes)
         # back to processor order, dropping empty slots: one gather of whole merged tokens
-        x = x.view(-1, cfg.spatial_merge_size ** 2, cfg.hidden_size)[layout.merged_src]
-        return self.merger(x)
+        tokens = lambda x: x.view(-1, cfg.spatial_merge_size ** 2, cfg.hidden_size)[layout.merged_src]
+        extra = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, cos, sin, layout, full=not cfg.window_size or i in cfg.fullatt_block_indexes)
+            if i in cfg.deepstack_visual_indexes:
+                extra.append(self.deepstack_merger_list[cfg.deepstack_visual_indexes.index(i)](tokens(x)))
+        feats = self.merger(tokens(x))
+        return (feats, extra) if deepstack else feats

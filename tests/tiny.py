@@ -1,4 +1,5 @@
-"""Tiny random Qwen2.5-VL checkpoints written in the hub's own layout, and inputs for them.
+"""Tiny random Qwen2.5-VL and Qwen3-VL (family="qwen3") checkpoints written in the hub's own
+layout, and inputs for them.
 
 The weights come from transformers' own model (so its loader must accept our files), redrawn at
 a scale where every mistake shows: a wrong rotary split, window order or norm would move the
@@ -34,6 +35,31 @@ def config_dict(heads=4, kv_heads=2, tied=True, form="flat", layers=2, hidden=64
     return {**top, "text_config": {**text, "rope_parameters": rope}}
 
 
+def config_dict3(heads=4, kv_heads=2, tied=True, form="hub", layers=3, hidden=64, head_dim=24,
+                 section=(4, 4, 4), deepstack=(0, 2), depth=3, num_position_embeddings=36):
+    """A tiny Qwen3-VL config.json: form "hub" as Qwen/Qwen3-VL-4B-Instruct's (text `rope_scaling`
+    + `rope_theta`, vision model_type "qwen3_vl"), or "t5" as transformers 5 writes it
+    (`rope_parameters`). head_dim is explicit and != hidden/heads, as in the 4B."""
+    text = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden + 32,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                head_dim=head_dim, rms_norm_eps=1e-6, hidden_act="silu", attention_bias=False,
+                max_position_embeddings=4096, tie_word_embeddings=tied,
+                eos_token_id=IDS["eos_token_id"], model_type="qwen3_vl_text")
+    rope = {"mrope_interleaved": True, "mrope_section": list(section), "rope_type": "default"}
+    vision = dict(depth=depth, hidden_size=48, num_heads=2, intermediate_size=80, patch_size=16,
+                  temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=hidden, in_channels=3,
+                  hidden_act="gelu_pytorch_tanh", num_position_embeddings=num_position_embeddings,
+                  deepstack_visual_indexes=list(deepstack), model_type="qwen3_vl")
+    if form == "hub":
+        text.update(rope_theta=5e6, rope_scaling=rope)
+    else:
+        text.update(rope_parameters={**rope, "rope_theta": 5e6})
+        vision.update(model_type="qwen3_vl_vision", rope_parameters={"rope_type": "axial", "rope_theta": 1e4})
+    ids = {k: v for k, v in IDS.items() if k != "eos_token_id"}
+    return dict(architectures=["Qwen3VLForConditionalGeneration"], model_type="qwen3_vl",
+                tie_word_embeddings=tied, text_config=text, vision_config=vision, **ids)
+
+
 def _redraw(sd, seed):
     g = torch.Generator().manual_seed(seed)
     out = {}
@@ -51,14 +77,24 @@ def _redraw(sd, seed):
     return out
 
 
-def write_checkpoint(path, seed=0, layout="hub", shards=1, dtype=torch.float32, **cfg_kwargs):
-    """Write config.json + safetensors for a random model; returns the path."""
+def write_checkpoint(path, seed=0, layout="hub", shards=1, dtype=torch.float32, family="qwen2.5",
+                     **cfg_kwargs):
+    """Write config.json + safetensors for a random model; returns the path. family "qwen3":
+    a Qwen3-VL checkpoint (config_dict3's arguments), whose hub layout is transformers 5's
+    (`model.visual.*`, `model.language_model.*`); layout "legacy" writes `visual.*`, `model.*`."""
     from safetensors.torch import save_file
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     os.makedirs(path, exist_ok=True)
-    cfg = config_dict(**cfg_kwargs)
-    torch.manual_seed(seed)
-    ref = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(cfg))
+    if family == "qwen3":
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+        cfg = config_dict3(**cfg_kwargs)
+        torch.manual_seed(seed)
+        ref = Qwen3VLForConditionalGeneration(Qwen3VLConfig.from_dict(cfg))
+        layout = {"hub": "new", "new": "new", "legacy": "hub"}[layout]
+    else:
+        cfg = config_dict(**cfg_kwargs)
+        torch.manual_seed(seed)
+        ref = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(cfg))
     sd = _redraw({k: v for k, v in ref.state_dict().items()}, seed)
     if cfg["tie_word_embeddings"]:
         sd.pop("lm_head.weight", None)
@@ -88,14 +124,17 @@ def write_checkpoint(path, seed=0, layout="hub", shards=1, dtype=torch.float32, 
 
 
 def oracle(path, dtype=torch.float32):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, attn_implementation="eager").eval()
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+    with open(os.path.join(path, "config.json")) as f:
+        qwen3 = json.load(f)["model_type"] == "qwen3_vl"
+    cls = Qwen3VLForConditionalGeneration if qwen3 else Qwen2_5_VLForConditionalGeneration
+    return cls.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
 
 
-def inputs(grids, text_lens, batch_pad=None, seed=0):
+def inputs(grids, text_lens, batch_pad=None, seed=0, patch=14):
     """One sample: text, then for each (t, h, w) grid a vision block, then more text.
-    Returns input_ids (1, L), pixel_values (N, 1176), image_grid_thw (n, 3)."""
+    Returns input_ids (1, L), pixel_values (N, 3*2*patch^2), image_grid_thw (n, 3);
+    patch=16 for Qwen3-VL."""
     g = torch.Generator().manual_seed(seed)
     ids = [torch.randint(0, 290, (text_lens[0],), generator=g)]
     for (t, h, w), n in zip(grids, text_lens[1:]):
@@ -104,7 +143,7 @@ def inputs(grids, text_lens, batch_pad=None, seed=0):
                 torch.tensor([IDS["vision_end_token_id"]]),
                 torch.randint(0, 290, (n,), generator=g)]
     n_patches = sum(t * h * w for t, h, w in grids)
-    pv = torch.randn(n_patches, 3 * 2 * 14 * 14, generator=g)
+    pv = torch.randn(n_patches, 3 * 2 * patch * patch, generator=g)
     thw = torch.tensor(grids, dtype=torch.long).view(-1, 3)
     return torch.cat(ids)[None], pv, thw
 
@@ -140,3 +179,25 @@ def torchrun(nproc, script, *argv, timeout=600, **kw):
                        timeout=timeout, **kw)
     assert r.returncode == 0, f"torchrun {script} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     return r.stdout
+
+
+def write_qwen3_base(path, std=0.02, seed=0, min_pixels=64 * 64, max_pixels=128 * 128, **cfg_kwargs):
+    """A random tiny Qwen3-VL base for LIVR runs, as train.make_demo_base makes the Qwen2.5-VL
+    one: Qwen3-VL's tokenizer files (data.build_tokenizer(family="qwen3"), small pixel limits so
+    the synthetic images stay a few tokens) and a model written by model.save_pretrained, its
+    special ids the tokenizer's and room for 64 latents. cfg_kwargs: config_dict3's shapes."""
+    import math
+
+    import data
+    import model
+    data.build_tokenizer(path, min_pixels=min_pixels, max_pixels=max_pixels, family="qwen3")
+    proc = data.Processor.from_pretrained(path, num_latents=64)
+    d = config_dict3(**cfg_kwargs)
+    d["text_config"]["vocab_size"] = 64 * math.ceil(proc.vocab_size / 64)
+    d["text_config"]["eos_token_id"] = proc.im_end_id
+    d.update(image_token_id=proc.image_token_id, vision_start_token_id=proc.vision_start_token_id,
+             vision_end_token_id=proc.vision_end_token_id,
+             video_token_id=proc.tokenizer.token_to_id("<|video_pad|>"))
+    m = model.Qwen25VL(model.Config.from_dict(d))
+    model.save_pretrained(model.init_weights(m, std=std, seed=seed), path)
+    return str(path)
