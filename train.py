@@ -595,6 +595,9 @@ def main(argv=None):
             dist.destroy_process_group()
         sys.exit(2)
     if dist.is_initialized():
+        # leave together: rank 0 may still be writing `final`, and a rank that tore its group
+        # down early was seen to abort at exit ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
 
 
