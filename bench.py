@@ -432,17 +432,24 @@ class Worker:
         return out
 
 
+def take_turns(workers, rounds):
+    """Each side's warm-up report, then `rounds` turns of one timed pass per side: returns
+    (reports, fastest pass in seconds) by side. Turns, so a change in machine load hits both."""
+    reports = {side: w.ask() for side, w in workers.items()}
+    best = {side: float("inf") for side in workers}
+    for _ in range(rounds):
+        for side, w in workers.items():
+            best[side] = min(best[side], w.ask("pass")["seconds"])
+    return reports, best
+
+
 def bench_train(args, path):
     """Both sides' workers start together; then they take turns, one pass each, args.rounds times."""
     res = {}
     for ckpt in (False, True):
         w = {side: Worker(args, path=path, side=side, ckpt=ckpt, profile=side == "ours" and not ckpt,
                           max_batch=False) for side in ("ours", "hf")}
-        r = {side: w[side].ask() for side in w}
-        best = {side: float("inf") for side in w}
-        for _ in range(args.rounds):
-            for side in w:
-                best[side] = min(best[side], w[side].ask("pass")["seconds"])
+        r, best = take_turns(w, args.rounds)
         for side in w:
             r[side].update(w[side].finish(), tokens_per_s=r[side]["tokens"] / best[side],
                            step_s=best[side] / args.steps)
@@ -465,11 +472,7 @@ def bench_train_step(args, path, cfg):
     w = {side: Worker(args, path=path, side=side, ckpt=False, profile=False, max_batch=False,
                       global_batch=args.global_batch, steps=args.step_steps, warmup=args.step_warmup)
          for side in ("ours", "hf")}
-    r = {side: w[side].ask() for side in w}
-    best = {side: float("inf") for side in w}
-    for _ in range(args.step_rounds):
-        for side in w:
-            best[side] = min(best[side], w[side].ask("pass")["seconds"])
+    r, best = take_turns(w, args.step_rounds)
     for side in w:
         x = r[side]
         x.update(w[side].finish(), samples_per_s=x["samples"] / best[side],
