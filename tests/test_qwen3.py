@@ -128,19 +128,8 @@ def test_cached_decode_logits_equal_full_forward(tmp_path):
     path = write(tmp_path, seed=10)
     ours = model.load_pretrained(path)
     ids, pv, thw = inputs([(1, 4, 4)], [3, 10], seed=11)
-    L = ids.shape[1]
-    with torch.no_grad():
-        full = ours(ids, pv, thw)
-        P = L - 4
-        pos = ours.rope_index(ids, thw)
-        ours.setup_cache(1, L)
-        step = [ours(ids[:, :P], pv, thw, position_ids=pos[..., :P], input_pos=torch.arange(P),
-                     mask=torch.ones(P, P, dtype=torch.bool).tril()[None])]
-        for i in range(P, L):
-            step.append(ours(ids[:, i:i + 1], position_ids=pos[..., i:i + 1],
-                             input_pos=torch.tensor([i]), mask=torch.ones(1, 1, i + 1, dtype=torch.bool)))
-        ours.clear_cache()
-    assert rel_err(torch.cat(step, 1), full) <= 1e-4
+    step, full = tiny.cached_and_full_logits(ours, ids, pv, thw)
+    assert rel_err(step, full) <= 1e-4
 
 
 def _corrupt(path, fn):

@@ -201,3 +201,20 @@ def write_qwen3_base(path, std=0.02, seed=0, min_pixels=64 * 64, max_pixels=128 
     m = model.Qwen25VL(model.Config.from_dict(d))
     model.save_pretrained(model.init_weights(m, std=std, seed=seed), path)
     return str(path)
+
+
+def cached_and_full_logits(m, ids, pv, thw, decode=4):
+    """Logits of a prefill of all but `decode` tokens and then one cached decode step per token,
+    next to one full forward's: the KV-cache path against the plain one (equal up to rounding)."""
+    L, P = ids.shape[1], ids.shape[1] - decode
+    with torch.no_grad():
+        full = m(ids, pv, thw)
+        pos = m.rope_index(ids, thw)
+        m.setup_cache(1, L)
+        step = [m(ids[:, :P], pv, thw, position_ids=pos[..., :P], input_pos=torch.arange(P),
+                  mask=torch.ones(P, P, dtype=torch.bool).tril()[None])]
+        for i in range(P, L):
+            step.append(m(ids[:, i:i + 1], position_ids=pos[..., i:i + 1],
+                          input_pos=torch.tensor([i]), mask=torch.ones(1, 1, i + 1, dtype=torch.bool)))
+        m.clear_cache()
+    return torch.cat(step, 1), full
