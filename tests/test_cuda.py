@@ -213,8 +213,8 @@ def test_prepared_step_equals_dense_and_never_syncs_on_cuda(mode):
         p.requires_grad = name == "latent_embeds" or "lora_" in name
     m.to("cuda").eval()
     raw = packed_row()
-    cuda = lambda b: {k: v.to("cuda") if hasattr(v, "to") else v for k, v in b.items()}
-    batch, prepared = cuda(raw), cuda(model.prepare_batch(raw, cfg))
+    dev = torch.device("cuda")
+    batch, prepared = train.to_device(raw, dev), train.to_device(model.prepare_batch(raw, cfg), dev)
     real = raw["segment_ids"][0] > 0
     with torch.no_grad():
         dense = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
