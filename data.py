@@ -1,5 +1,5 @@
 """
-Model inputs for LIVR, exactly as the reference Qwen2.5-VL processor makes them.
+Model inputs for LIVR, exactly as the reference Qwen2.5-VL and Qwen3-VL processors make them.
 
 LIVR trains and evaluates on multiple-choice visual tasks (BLINK style, 1-4 images per question)
 and on open-ended counting. This file turns such records into the tensors the model eats, and
@@ -16,7 +16,9 @@ What it mirrors (transformers is the oracle in tests/, never imported here):
                          patch flattening), to 1e-5 for any image size.
   - Processor.encode   = Qwen2_5_VLProcessor + apply_chat_template with Qwen2.5-VL's chat template,
                          token for token, plus the K latent tokens after the question (the paper's
-                         Q' = Q + L; masks.place_latents).
+                         Q' = Q + L; masks.place_latents). For a Qwen3-VL checkpoint: its image
+                         settings (16-px patches, mean/std 0.5) and its chat template (no
+                         default system turn), equal to Qwen3VLProcessor.
   - build_tokenizer    = a tiny byte-level BPE with Qwen2's pre-tokenizer and Qwen2.5-VL's special
                          tokens in Qwen's order, so tests and the CPU demo run without downloads.
 Data formats: our JSONL, LLaVA-style JSON, BLINK parquet (converted), and built-in synthetic
@@ -1471,8 +1473,12 @@ def _run_cli(args):
         convert_blink(args.sources, args.out)
         return 0
     if args.cmd == "synth":
-        paths = make_synthetic(args.out, args.n_train, args.n_val, args.n_test, args.seed,
-                               [t for t in args.tasks.split(",") if t], args.image_size)
+        tasks = [t for t in args.tasks.split(",") if t]
+        unknown = [t for t in tasks if t not in SYNTHETIC_TASKS]
+        if unknown or not tasks:
+            raise ValueError(f"--tasks: unknown task(s) {unknown}; choose from {', '.join(SYNTHETIC_TASKS)}")
+        paths = make_synthetic(args.out, args.n_train, args.n_val, args.n_test, args.seed, tasks,
+                               args.image_size)
         for split, path in paths.items():
             print(f"{split}: {path}")
         return 0

@@ -1085,15 +1085,17 @@ def recover_checkpoint(out_dir):
 
 
 def required_tensors(m: Qwen25VL, meta):
-    """The tensors a LIVR checkpoint must hold: those its livr.json lists, and at least the
-    latent rows (K > 0) and every LoRA factor (a LoRA run)."""
+    """The tensors a LIVR checkpoint must hold: those its livr.json lists (train.py writes the
+    list), and in any case every parameter the base checkpoint lacks (latent rows, LoRA factors,
+    a fork's modules); without a list, a --train full run's LM weights too."""
     listed = meta.get("tensors") or []
     if not isinstance(listed, list) or not all(isinstance(k, str) for k in listed):
         raise CheckpointError("livr.json: \"tensors\" must be a list of tensor names")
-    need = set(listed)
-    if m.num_latents:
-        need.add("latent_embeds")
-    need |= {k for k, _ in m.named_parameters() if "lora_" in k}
+    base = set(hub_key_map(m).values())
+    params = [k for k, _ in m.named_parameters()]
+    need = set(listed) | {k for k in params if k not in base}
+    if "tensors" not in meta and meta.get("train") == "full":
+        need |= {k for k in params if masks.trainable(k, "full")}
     return need
 
 
@@ -1135,7 +1137,10 @@ def load_livr(path, dtype=torch.float32, device="cpu", merge=False):
         m = load_pretrained(path, dtype=dtype, device=device)
         exported = read_json(os.path.join(resolve(path), "config.json"), "config").get("livr") or {}
         if exported.get("num_latents"):
-            k, first = exported["num_latents"], exported["latent_token_id"]
+            k, first = exported["num_latents"], exported.get("latent_token_id")
+            if not isinstance(k, int) or not isinstance(first, int) or not 0 <= first <= m.cfg.text.vocab_size - k:
+                raise CheckpointError(f"{path}/config.json: \"livr\" must give num_latents and a "
+                                      f"latent_token_id whose rows fit the table, not {exported!r}")
             m.set_latents(k, first)
             with torch.no_grad():     # the export wrote the latent rows into the table at their ids
                 m.latent_embeds.copy_(m.model.embed_tokens.weight[first:first + k])

@@ -382,9 +382,6 @@ def val_accuracy(m, batches, mask_mode):
     return c / max(t, 1)
 
 
-validate = val_accuracy     # the old name (data.validate is the unrelated record check)
-
-
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: trainable weights (a LIVR checkpoint evaluate.py reads) + the trainer's state
 
@@ -573,8 +570,7 @@ def to_device(batch, device):
     """A batch made on the host -> the same dict on `device`: tensors copied without waiting
     (from pinned memory the copy overlaps compute), objects with a .to (vision.Layout) moved,
     Python ints and lists left as they are."""
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else
-                v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
+    return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
 
 
 def fmt_time(s):
@@ -691,11 +687,10 @@ def run(args, rank, world, device, log):
         end_of_epoch = step % steps_per_epoch == 0
         if (args.eval_every and step % args.eval_every == 0) or (not args.eval_every and end_of_epoch):
             evaluate_and_keep_best()
-        if step % args.save_every == 0 or step == total_steps:
+        stop_early = args.max_steps and step >= start_step + args.max_steps and step < total_steps
+        if step % args.save_every == 0 or step == total_steps or stop_early:
             checkpoint("last")
-        if args.max_steps and step >= start_step + args.max_steps:
-            if step % args.save_every:
-                checkpoint("last")
+        if stop_early:   # on the last step the stage ends normally instead, writing `final`
             log(f"stopping after --max-steps {args.max_steps}; --resume continues from step {step}")
             return
     if val_records and best < 0:
@@ -717,8 +712,8 @@ def accumulate(m, micro, mask_mode, autocast, rank, world, device):
     n_tokens, *counts = all_sum(sum(data.num_targets(b) for b in micro),
                                 *[len(micro) if r == rank else 0 for r in range(world)])
     weights = [1.0] * len(micro) + [0.0] * (int(max(counts)) - len(micro))
-    micro = micro + [min(micro, key=lambda b: b["input_ids"].numel())] * (len(weights) - len(micro))
-    micro = [to_device(b, device) for b in micro]
+    micro = [to_device(b, device) for b in micro]           # each batch copied once
+    micro += [min(micro, key=lambda b: b["input_ids"].numel())] * (len(weights) - len(micro))
     loss_sum, tokens = 0.0, 0
     for batch, weight in zip(micro, weights):
         with autocast():

@@ -106,8 +106,8 @@ class Layout(NamedTuple):
     pos_index: torch.Tensor | None = None   # [S, 4] long rows of pos_embed
     pos_weight: torch.Tensor | None = None  # [S, 4] fp32 weights
 
-    def to(self, device):
-        mv = lambda z: None if z is None else z.to(device)
+    def to(self, device, non_blocking=False):
+        mv = lambda z: None if z is None else z.to(device, non_blocking=non_blocking)
         return Layout(mv(self.src), mv(self.pos), mv(self.window_mask),
                       [(a, t, n, mv(mask)) for a, t, n, mask in self.images], mv(self.merged_src),
                       mv(self.pos_index), mv(self.pos_weight))

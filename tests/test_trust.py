@@ -162,6 +162,23 @@ def test_missing_lora_factor_is_named(demo, stage1, tmp_path):
         model.load_livr(last)
 
 
+def test_a_livr_json_without_its_tensor_list_still_needs_what_the_run_trained(demo, stage1, tmp_path):
+    """A hand-made or older livr.json with no "tensors" list: the latent rows and LoRA factors
+    are still required, and a --train full run's LM weights too."""
+    last = str(copy_run(stage1, tmp_path / "run") / "stage1" / "last")
+    meta_file = os.path.join(last, "livr.json")
+    meta = json.load(open(meta_file))
+    meta.pop("tensors", None)
+    json.dump(meta, open(meta_file, "w"))
+    key = next(k for k in load_file(os.path.join(last, "weights.safetensors")) if "lora_A" in k)
+    edit_weights(last, lambda sd: sd.pop(key))
+    with pytest.raises(model.CheckpointError, match=f"missing tensor '{key}'"):
+        model.load_livr(last)
+    json.dump({**meta, "train": "full", "lora": None}, open(meta_file, "w"))
+    with pytest.raises(model.CheckpointError, match="missing tensor 'model.layers.0.mlp.down_proj.weight'"):
+        model.load_livr(last)
+
+
 # --- 3. kills during a save -------------------------------------------------------------------
 
 def test_stale_old_and_tmp_never_block_a_save(demo, stage1, tmp_path):
