@@ -33,7 +33,7 @@ Each training measurement runs in a fresh interpreter (its own allocator, its ow
 the two sides' workers take turns, pass by pass, and everything reports the fastest of its
 passes, so a busy neighbour on a shared machine slows both sides rather than one.
 
-    python bench.py                    # "small" preset (~120M), fp32, about 2 minutes on 2 CPU cores
+    python bench.py                    # "small" preset (~120M), fp32 on CPU
     python bench.py --json > b.json    # the same; the table goes to stderr, JSON to stdout
     python bench.py --preset 3b        # 3B shapes, random weights, bf16 on a GPU; adds model
                                        # FLOPs utilisation and the largest batch that fits

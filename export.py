@@ -6,7 +6,7 @@ After stage 2, LIVR at inference is an ordinary causal VLM whose prompt ends wit
 changed (LoRA factors or LM weights, and the K latent rows) on top of a base path, which this
 project alone can read. This file folds it into the hub's own layout, so transformers'
 AutoModelForImageTextToText / AutoProcessor -- and through them lmms-eval, vLLM and the hub --
-load it as any Qwen2.5-VL:
+load it as any Qwen2.5-VL or Qwen3-VL:
 
     OUT/
       config.json                     the base's config; vocab_size if the table grew; dtype;
@@ -18,7 +18,7 @@ load it as any Qwen2.5-VL:
                                       the base tokenizer + <|latent_0|>..<|latent_K-1|> as added
                                       special tokens
       chat_template.jinja, chat_template.json
-                                      Qwen2.5-VL's template with the latents at the end of each
+                                      the base family's template with the latents at the end of each
                                       user turn, where data.Processor.user_parts puts them
       preprocessor_config.json        the base's image settings
       generation_config.json          greedy, and the latent ids in suppress_tokens: our

@@ -1,8 +1,10 @@
 """
-Qwen2.5-VL written out by hand, plus the two things LIVR adds to it: latent tokens and LoRA.
+Qwen2.5-VL and Qwen3-VL written out by hand, plus the two things LIVR adds to them: latent
+tokens and LoRA.
 
-Mirrors transformers' `Qwen2_5_VLForConditionalGeneration` (the numerical oracle, matched to
-1e-4 relative in tests/test_model.py) without its indirection. Notable features:
+Mirrors transformers' `Qwen2_5_VLForConditionalGeneration` and `Qwen3VLForConditionalGeneration`
+(the numerical oracles, matched to 1e-4 relative in tests/test_model.py and tests/test_qwen3.py)
+without their indirection. Notable features:
   - loads the hub's safetensors checkpoints as they are (both key layouts, both config.json
     forms, shards, tied or untied head), built on the `meta` device and filled with
     `assign=True` so a 3B model is never held twice;
@@ -220,7 +222,7 @@ def preset(name, vocab_size=151936, **token_ids):
 
 
 # ----------------------------------------------------------------------------------------------
-# The Qwen2.5 decoder
+# The decoder (Qwen2.5; Qwen3's differences are switches of TextConfig)
 
 class RMSNorm(nn.Module):
     # Qwen2RMSNorm: normalise in fp32, cast back, *then* multiply by the weight
@@ -312,7 +314,8 @@ def block_attention(q, k, v, blocks):
 
 
 class Attention(nn.Module):
-    # Qwen2_5_VLAttention: GQA, bias on q/k/v, none on o
+    # Qwen2_5_VLAttention: GQA, bias on q/k/v, none on o. Qwen3VLTextAttention: q/k RMSNorm,
+    # no q/k/v bias (attention_bias), an explicit head_dim
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = (cfg.num_attention_heads,

@@ -53,8 +53,9 @@ PAPER_EPOCHS = {1: 4, 2: 6}
 # rate; everything else is the paper's recipe. Flags given on the command line still win.
 DEMO = dict(train="full", lr=5e-4, epochs={1: 2, 2: 4}, batch_size=4, n_train=800)
 DEMO_HELP = ("With no --model the run is the built-in demo, and these defaults differ (the demo "
-             "preset, train.DEMO): --train full --lr 5e-4 --batch-size 4 --epochs 2 (stage 1) / 4 "
-             "(stage 2), on 800 synthetic samples per task under runs/demo/.")
+             "preset, train.DEMO): --train full --lr 5e-4 --epochs 2 (stage 1) / 4 (stage 2), "
+             "--batch-size 4 (used with --micro-batch-tokens 0), on 800 synthetic samples per "
+             "task under runs/demo/.")
 
 
 def parse_args(argv=None):

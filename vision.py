@@ -33,7 +33,8 @@ after the patch embedding; LayerNorm and a plain GELU(tanh) MLP in the blocks; n
 decoder adds to its hidden states at the image positions after its first layers (model.py).
 Mirrors `Qwen3VLVisionModel` in transformers' `models/qwen3_vl/modeling_qwen3_vl.py`.
 
-Test: pytest -q tests/test_vision.py (parity with transformers, several image sizes in one call).
+Test: pytest -q tests/test_vision.py (parity with transformers, several image sizes in one call);
+tests/test_qwen3.py for the Qwen3-VL tower and its DeepStack features.
 """
 import math
 from dataclasses import dataclass, fields
@@ -201,8 +202,8 @@ def rotary_cos_sin(pos, head_dim, theta):
 def apply_rotary(x, cos, sin):
     """x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1], computed as
     [x2, x1] * [-sin1, sin2] + x * cos in one buffer, in place (memory-bound; see Block).
-    x [S, 2*heads, head_dim] holds q's and k's heads (a 3-D broadcast is ~3x faster on CPU than
-    [S, 2, heads, head_dim]). The reference rotates in fp32."""
+    x [S, 2*heads, head_dim] holds q's and k's heads (a 3-D broadcast has fewer dimensions to
+    walk than [S, 2, heads, head_dim]). The reference rotates in fp32."""
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     sin1, sin2 = sin.chunk(2, dim=-1)
@@ -253,7 +254,7 @@ class Attention(nn.Module):
         if full:  # every patch of an image (of one frame) sees every other: one SDPA call per image
             out = []
             for a, t, n, mask in layout.images:
-                # (t, nh, n, hs); contiguous: the CPU flash kernel is ~12% faster on long sequences
+                # (t, nh, n, hs); contiguous, the layout the CPU flash kernel reads fastest
                 qi, ki, vi = (z[a:a + t * n].view(t, n, nh, -1).transpose(1, 2).contiguous() for z in (q, k, v))
                 out.append(F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask).transpose(1, 2).reshape(-1, D))
             y = torch.cat(out) if len(out) > 1 else out[0]
