@@ -389,12 +389,15 @@ def val_accuracy(m, batches, mask_mode):
 # Checkpoints: trainable weights (a LIVR checkpoint evaluate.py reads) + the trainer's state
 
 def full_state(m, opt):
-    """Full (unsharded) trainable weights and optimizer state, on every rank."""
+    """Full (unsharded) trainable weights and optimizer state, on rank 0's host; other ranks get
+    empty ones. Under FSDP each tensor is gathered on its own and moved off the device before the
+    next, so a save needs one tensor's room on the GPU, not the whole state's (for a full
+    fine-tune of the 3B the state is ~36 GB)."""
     if not dist.is_initialized():
         return qwen.trainable_state(m), opt.state_dict()
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=False)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     names = {k for k, p in m.named_parameters() if p.requires_grad}
     sd = get_model_state_dict(m, options=opts)
     return {k: v for k, v in sd.items() if k in names}, get_optimizer_state_dict(m, opt, options=opts)
@@ -472,7 +475,9 @@ def save_checkpoint(path, m, opt, sched, meta, trainer, rank, device=torch.devic
     and trainer.safetensors (the optimizer's moments and every rank's RNG state). Refuses to
     write non-finite weights or optimizer state."""
     weights, opt_state = full_state(m, opt)
-    if not (all_finite(weights) and all_finite(opt_state)):   # the same verdict on every rank
+    finite = rank != 0 or (all_finite(weights) and all_finite(opt_state))
+    (n_bad,) = all_sum(0 if finite else 1)             # rank 0's verdict, on every rank
+    if n_bad:
         raise RunError(f"not saving {path}: the weights or optimizer state are not finite")
     rng = rng_state(device)
     rngs = [None] * dist.get_world_size() if dist.is_initialized() else [rng]

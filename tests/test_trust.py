@@ -209,6 +209,59 @@ def test_fsdp_kill_and_resume_reproduces_losses(demo, tmp_path):
     assert a == pytest.approx(b, rel=1e-6)
 
 
+FSDP_SAVE = """
+import sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import model, train
+rank, world, device = train.setup_distributed()
+m, meta = model.load_livr(sys.argv[2])
+train.shard_model(m, torch.float32, device)
+params = [p for p in m.parameters() if p.requires_grad]
+opt = torch.optim.AdamW(params, lr=0.1)
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+for p in params:
+    p.grad = torch.ones_like(p)
+opt.step()
+train.save_checkpoint(sys.argv[3] + "/ok", m, opt, sched, meta, {"step": 1, "best": 0}, rank)
+if rank == 1:                     # a shard only rank 1 holds: rank 0 sees it only in the gather
+    with torch.no_grad():
+        m.latent_embeds.to_local()[0, 0] = float("inf")
+try:
+    train.save_checkpoint(sys.argv[3] + "/bad", m, opt, sched, meta, {"step": 1, "best": 0}, rank)
+except train.RunError as e:
+    print(f"rank {rank} refused: {e}", flush=True)
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_fsdp_save_gathers_on_rank_0_and_refuses_non_finite_everywhere(stage1, tmp_path):
+    """Under FSDP the state is gathered tensor by tensor onto rank 0's host: what it writes equals
+    the unsharded state, and a non-finite value in another rank's shard stops every rank."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "save.py"
+    script.write_text(FSDP_SAVE)
+    last = str(stage1 / "stage1" / "last")
+    out = tiny.torchrun(2, str(script), root, last, str(tmp_path))
+    assert "rank 0 refused: not saving" in out and "rank 1 refused: not saving" in out
+    assert not os.path.exists(tmp_path / "bad")
+    m, meta = model.load_livr(last)                        # the same step on one process
+    params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.1)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    saved = load_file(str(tmp_path / "ok" / "weights.safetensors"))
+    want = model.trainable_state(m)
+    assert sorted(saved) == sorted(want)
+    for k in want:
+        torch.testing.assert_close(saved[k], want[k], rtol=0, atol=0)
+    state = train.read_trainer_state(str(tmp_path / "ok"))["optimizer"]["state"]
+    names = [k for k, p in m.named_parameters() if p.requires_grad]
+    for i, k in enumerate(names):
+        torch.testing.assert_close(state[k]["exp_avg_sq"], opt.state[params[i]]["exp_avg_sq"], rtol=0, atol=0)
+
+
 def test_recover_after_a_kill_between_the_renames(demo, stage1, tmp_path, capsys):
     run = copy_run(stage1, tmp_path / "run")
     last = str(run / "stage1" / "last")
