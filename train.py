@@ -30,6 +30,7 @@ which gives the same gradient in fewer, larger passes.
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -125,7 +126,8 @@ def argument_parser():
     p.add_argument("--resume", action="store_true",
                    help="continue RUN_DIR/stageN/last. What defines the run (--model shape, "
                    "--latents, --mask, --train, LoRA, --epochs, --global-batch, --warmup, --seed, "
-                   "--max-len, --skip-bad) must match it, else the resume is refused; --lr, "
+                   "--max-len, --skip-bad) and the training records (their count and a hash of their text, "
+                   "answers and image file names) must match it, else the resume is refused; --lr, "
                    "--weight-decay and --clip may change and are applied from the resumed step on "
                    "(the new peak --lr under the same schedule), and the log says so")
     p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (debug)")
@@ -195,13 +197,37 @@ def check_resume(saved, now, path, log):
                 f"applied from the resumed step on")
 
 
+def data_identity(records):
+    """What --resume compares of the training set: the record count and a hash of each record's
+    text, answer and image file names (not their folders, so a moved dataset still resumes).
+    The sample order is a permutation of the records, so other records replay other samples."""
+    h = hashlib.sha256()
+    for r in records:
+        names = [os.path.basename(i) if isinstance(i, str) else "<image>" for i in r.images]
+        h.update(json.dumps([r.text, r.answer, names]).encode())
+    return {"records": len(records), "sha256": h.hexdigest()}
+
+
+def check_resume_data(saved, now, path, data_file):
+    if saved and saved != now:
+        raise RunError(f"--resume: {path} was trained on {saved['records']} record(s) with hash "
+                       f"{saved['sha256'][:12]}; --data {data_file} has {now['records']} with hash "
+                       f"{now['sha256'][:12]}. Resuming on other data would replay other samples: "
+                       "pass the run's data, or start a new --run-dir")
+
+
 def read_hparams(path):
     """The hyper-parameters recorded in path/trainer.json (None for a checkpoint without)."""
+    return read_trainer_json(path).get("hparams")
+
+
+def read_trainer_json(path):
+    """path/trainer.json as a dict ({} for a checkpoint without one)."""
     file = os.path.join(path, "trainer.json")
     if not os.path.exists(file):
-        return None
+        return {}
     try:
-        return qwen.read_json(file, "trainer state").get("hparams")
+        return qwen.read_json(file, "trainer state")
     except qwen.CheckpointError as e:
         raise RunError(str(e)) from None
 
@@ -620,6 +646,10 @@ def run(args, rank, world, device, log):
             "num_latents": args.latents, "latent_token_id": processor.latent_token_id,
             "train": args.train, "lora": None if args.train == "full" else
             {"rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout}}
+    data_id = data_identity(train_records)
+    if args.resume:
+        check_resume_data(read_trainer_json(os.path.join(stage_dir, "last")).get("data"), data_id,
+                          os.path.join(stage_dir, "last"), args.data)
     step, best = start_or_resume(args, m, opt, sched, stage_dir, rank, device, log)
     train_batches, val_batches = build_loaders(args, m, processor, train_records, val_records,
                                                step, total_steps, compute_dtype, rank, world, device)
@@ -639,7 +669,7 @@ def run(args, rank, world, device, log):
     def checkpoint(name):
         save_checkpoint(os.path.join(stage_dir, name), m, opt, sched, meta,
                         {"step": step, "best": best, "args": vars(args),
-                         "hparams": hparams(args, mask_mode)}, rank, device)
+                         "hparams": hparams(args, mask_mode), "data": data_id}, rank, device)
         saved.append(os.path.join(stage_dir, name))
 
     def evaluate_and_keep_best():

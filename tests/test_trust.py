@@ -472,6 +472,24 @@ def test_resume_refuses_a_changed_run(demo, stage1, tmp_path, capsys, flag, valu
     fails_with(run_args(demo, run, "--resume", flag, value), capsys, msg, "--resume")
 
 
+def test_resume_refuses_other_data_but_follows_moved_data(demo, stage1, tmp_path, capsys):
+    run = copy_run(stage1, tmp_path / "run")
+    moved = tmp_path / "moved"
+    shutil.copytree(os.path.dirname(demo["train"]), moved)          # the same records elsewhere
+    train_file = str(moved / os.path.basename(demo["train"]))
+    train.main(run_args(demo, run, "--resume", "--max-steps", "1", "--data", train_file))
+    assert "resumed" in capsys.readouterr().out
+    lines = open(train_file).read().splitlines()
+    changed = json.loads(lines[0])
+    changed["answer"] = "A" if changed["answer"] != "A" else "B"
+    for name, records in (("changed", [json.dumps(changed)] + lines[1:]), ("fewer", lines[1:])):
+        (moved / f"{name}.jsonl").write_text("\n".join(records) + "\n")
+        n = len(records)
+        fails_with(run_args(demo, run, "--resume", "--data", str(moved / f"{name}.jsonl")), capsys,
+                   f"was trained on {len(lines)} record(s)", f"{name}.jsonl has {n} with hash",
+                   "replay other samples")
+
+
 def test_resume_applies_a_new_lr_and_says_so(demo, stage1, tmp_path, capsys):
     run = copy_run(stage1, tmp_path / "run")
     train.main(run_args(demo, run, "--resume", "--max-steps", "1", "--lr", "3e-4"))
