@@ -695,7 +695,8 @@ def run(args, rank, world, device, log):
         micro = next(steps)          # this rank's share of the step, as micro-batches on the host
         loss, tokens = accumulate(m, micro, mask_mode, autocast, rank, world, device)
         tokens_seen += tokens
-        grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(params, args.clip))
+        norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
+        loss, grad_norm = read_scalars(loss, norm)     # the step's one wait on the device
         lr = sched.get_last_lr()[0]
         # loss is all-reduced and the norm is over the full (reduced) gradient, so every rank
         # takes the same decision here
@@ -743,25 +744,27 @@ def run(args, rank, world, device, log):
 
 def accumulate(m, micro, mask_mode, autocast, rank, world, device):
     """Forward and backward over this rank's micro-batches of one step, the gradient summed to
-    the global token mean. Returns (the step's loss, all ranks' mean per answer token; the
-    tokens this rank computed). One collective first: the global answer-token count, and every
-    rank's micro-batch count -- FSDP needs all ranks to run the same number of forward/backward
-    passes, so a rank with fewer repeats its smallest micro-batch with weight 0."""
+    the global token mean. Returns (the step's loss, all ranks' mean per answer token, a 0-dim
+    tensor on the device; the tokens this rank computed). One collective of host numbers first:
+    the global answer-token count, and every rank's micro-batch count -- FSDP needs all ranks to
+    run the same number of forward/backward passes, so a rank with fewer repeats its smallest
+    micro-batch with weight 0."""
     n_tokens, *counts = all_sum(sum(data.num_targets(b) for b in micro),
                                 *[len(micro) if r == rank else 0 for r in range(world)])
     weights = [1.0] * len(micro) + [0.0] * (int(max(counts)) - len(micro))
     micro = [to_device(b, device) for b in micro]           # each batch copied once
     micro += [min(micro, key=lambda b: b["input_ids"].numel())] * (len(weights) - len(micro))
-    loss_sum, tokens = 0.0, 0
+    loss_sum, tokens = torch.zeros((), device=device), 0
     for batch, weight in zip(micro, weights):
         with autocast():
             ce, _ = compute_loss(m, batch, mask_mode)
         # FSDP averages gradients over ranks; scale so the step sees the global token mean
         (ce * (weight * world / n_tokens)).backward()
-        loss_sum += weight * ce.detach()
+        loss_sum += weight * ce.detach().float()
         tokens += int(weight) * batch["input_ids"].numel()
-    (loss_total,) = all_sum(float(loss_sum))
-    return loss_total / n_tokens, tokens
+    if dist.is_initialized():
+        dist.all_reduce(loss_sum)         # on the device: the loop reads it with the grad norm
+    return loss_sum / n_tokens, tokens
 
 
 def settle_run(args, rank, world, device, log):
@@ -919,9 +922,11 @@ def build_loaders(args, m, processor, train_records, val_records, step, total_st
 MAX_BAD_STEPS = 3
 
 
-def grad_norm_value(norm):
-    """clip_grad_norm_'s total norm as a float; under FSDP a replicated DTensor."""
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+def read_scalars(*xs):
+    """0-dim device tensors as Python floats, in one read-back. clip_grad_norm_'s total norm is a
+    DTensor under FSDP: its full (replicated) value is taken on the device first."""
+    xs = [x.full_tensor() if hasattr(x, "full_tensor") else x for x in xs]
+    return torch.stack([x.detach().float() for x in xs]).tolist()
 
 
 def finite_checkpoint_note(saved):
