@@ -133,14 +133,14 @@ def write_tokenizer(processor, base, out, template):
     config["chat_template"] = template
     # the same template where each transformers version looks: the tokenizer's config, the
     # processor's chat_template.jinja (transformers 5) and chat_template.json (4.x)
-    _write_json(os.path.join(out, "tokenizer_config.json"), config)
+    qwen.write_json(config, os.path.join(out, "tokenizer_config.json"))
     with open(os.path.join(out, "chat_template.jinja"), "w") as f:
         f.write(template)
-    _write_json(os.path.join(out, "chat_template.json"), {"chat_template": template})
+    qwen.write_json({"chat_template": template}, os.path.join(out, "chat_template.json"))
     processor_config = _read_json(os.path.join(base, "processor_config.json"))
     if processor_config is not None:     # a template in here would win over ours: drop it
         processor_config.pop("chat_template", None)
-        _write_json(os.path.join(out, "processor_config.json"), processor_config)
+        qwen.write_json(processor_config, os.path.join(out, "processor_config.json"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def write_configs(m, base, out, processor, num_latents, first, dtype):
         config["dtype"] = name                            # transformers 5
     # read back by model.load_livr (K = 0: a Direct SFT run; it also marks OUT as an export)
     config["livr"] = {"num_latents": num_latents, "latent_token_id": first}
-    _write_json(os.path.join(out, "config.json"), config)
+    qwen.write_json(config, os.path.join(out, "config.json"))
 
     gen = _read_json(os.path.join(base, "generation_config.json")) or {}
     for key in SAMPLING_KEYS:
@@ -172,7 +172,7 @@ def write_configs(m, base, out, processor, num_latents, first, dtype):
     gen.pop("suppress_tokens", None)
     if num_latents:
         gen["suppress_tokens"] = list(range(first, first + num_latents))
-    _write_json(os.path.join(out, "generation_config.json"), gen)
+    qwen.write_json(gen, os.path.join(out, "generation_config.json"))
 
 
 def hub_id(base):
@@ -286,12 +286,13 @@ def export(checkpoint, out_dir, max_shard_bytes=5 * 10**9, dtype=None):
                 shutil.copyfile(os.path.join(base, name), os.path.join(tmp, name))
         if not os.path.exists(os.path.join(tmp, "preprocessor_config.json")):
             c = processor.image_config
-            _write_json(os.path.join(tmp, "preprocessor_config.json"), {
+            qwen.write_json({
                 "min_pixels": c.min_pixels, "max_pixels": c.max_pixels, "patch_size": c.patch_size,
                 "temporal_patch_size": c.temporal_patch_size, "merge_size": c.merge_size,
                 "image_mean": list(c.image_mean), "image_std": list(c.image_std),
                 "image_processor_type": "Qwen2VLImageProcessor",
-                "processor_class": "Qwen3VLProcessor" if m.cfg.qwen3 else "Qwen2_5_VLProcessor"})
+                "processor_class": "Qwen3VLProcessor" if m.cfg.qwen3 else "Qwen2_5_VLProcessor"},
+                os.path.join(tmp, "preprocessor_config.json"))
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(meta, checkpoint, k, first, grown, dtype, m.cfg.qwen3))
         pickles = [n for n in os.listdir(tmp) if n.endswith(PICKLE_SUFFIXES)]
@@ -355,16 +356,8 @@ def _put_in_place(tmp, out_dir):
 
 
 def _read_json(path):
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def _write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    """path's JSON object (a named error when malformed), or None when the base has no such file."""
+    return qwen.read_json(path) if os.path.exists(path) else None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -371,42 +371,28 @@ def compute_loss(m, batch, mask_mode):
 def val_accuracy(m, batches, mask_mode):
     """Exact-match accuracy under teacher forcing: a sample counts when the argmax at every
     answer position (answer tokens and the closing <|im_end|>) is the gold token -- the same
-    verdict greedy decoding would reach, in one forward per batch. Every rank runs the same
-    number of forwards (FSDP needs that); padded-in repeats carry weight 0. Batches hold one
-    sample per row (data.collate); prepared ones (model.prepare_batch) are read back once, at
-    the end, instead of once per batch."""
+    verdict greedy decoding would reach, in one forward_batch per batch. Every rank runs the
+    same number of forwards (FSDP needs that); padded-in repeats carry weight 0. Batches hold
+    one sample per row (data.collate); the verdicts stay on the device and are read back once,
+    at the end."""
     m.eval()
-    correct = total = 0.0
-    pending = []                      # (wrong answer tokens per row, weight) on the device
+    pending = []                      # (wrong answer tokens per row (B,), weight (B,))
     for batch, weight in batches:
+        logits, targets, _ = forward_batch(m, batch, mask_mode)                 # (n, vocab)
         labels = batch["labels"]
         B, L = labels.shape
-        if "logits_at" in batch:
-            pred = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
-                     mask=qwen.attention_blocks(batch["kinds"], mask_mode, batch["spans"]),
-                     position_ids=batch["position_ids"], vision_layout=batch["vision_layout"],
-                     logits_at=batch["logits_at"]).argmax(-1)
-            row = batch["logits_at"] // L
-            wrong = torch.zeros(B, device=labels.device).index_add_(
-                0, row, (pred != batch["targets"]).float())                      # (B,)
-            pending.append((wrong, weight))
-            continue
-        mask = masks.build_mask(batch["kinds"], mask_mode, batch["segment_ids"])
-        predicts = torch.zeros_like(labels, dtype=torch.bool)
-        predicts[:, :-1] = labels[:, 1:] != -100
-        pred = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"], mask=mask,
-                 segment_ids=batch["segment_ids"], logits_at=predicts).argmax(-1)
-        ok = torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
-        row = predicts.nonzero()[:, 0]
-        ok[row[pred != labels[:, 1:][labels[:, 1:] != -100]]] = False
-        correct += float((ok.cpu().float() * weight).sum())
-        total += float(weight.sum())
-    if pending:                       # one read-back for all prepared batches
+        # the row of each answer position, in forward_batch's (row-major) order
+        row = (batch["logits_at"] // L if "logits_at" in batch else
+               (labels[:, 1:] != -100).nonzero()[:, 0])
+        wrong = torch.zeros(B, device=labels.device).index_add_(
+            0, row, (logits.argmax(-1) != targets).float())
+        pending.append((wrong, weight))
+    m.train()
+    correct = total = 0.0
+    if pending:
         wrong = torch.cat([w for w, _ in pending]).cpu()
         weight = torch.cat([w for _, w in pending]).float()
-        correct += float(((wrong == 0).float() * weight).sum())
-        total += float(weight.sum())
-    m.train()
+        correct, total = float(((wrong == 0).float() * weight).sum()), float(weight.sum())
     c, t = all_sum(correct, total)
     return c / max(t, 1)
 
