@@ -48,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import masks
+import vision
 from vision import VisionConfig, VisionEncoder, window_layout
 
 
@@ -343,7 +344,7 @@ class Attention(nn.Module):
         k = (k * cos).addcmul_(k.roll(self.head_dim // 2, -1), sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        if isinstance(mask, list):  # a packed batch's per-sample blocks (attention_blocks)
+        if isinstance(mask, Blocks):  # a packed batch's per-sample blocks (attention_blocks)
             return self.o_proj(block_attention(q, k, v, mask).reshape(B, L, -1)), None
         if return_attn:  # the explicit path, for attention maps (evaluate.py)
             rep = self.n_heads // self.n_kv_heads
@@ -687,14 +688,30 @@ def segment_spans(segment_ids):
     return spans
 
 
+class Blocks:
+    """A packed batch's per-sample attention blocks, [(row, start, end, mask)] (attention_blocks).
+    A class of its own, not a list: torch.compile (compile_blocks) then hands it through to the
+    eager block_attention without guarding on its length, so one graph serves any sample count."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self):
+        return len(self.items)
+
+
 def attention_blocks(kinds, mask_mode, spans):
     """masks.build_mask(kinds, mask_mode, segments) of a packed batch, kept as its diagonal blocks:
-    [(row, start, end, mask)] with mask = masks.build_mask(kinds[row, start:end], mask_mode), the
+    Blocks of (row, start, end, mask) with mask = masks.build_mask(kinds[row, start:end], mask_mode), the
     sample's own [Ls, Ls] rule, or None where the rule is plain causal (SDPA's is_causal: the
     flash kernel on a GPU). Off the blocks the dense mask is False -- samples never attend to
     each other -- so block_attention spends nothing there. Built on kinds' device, no sync."""
     causal = masks.mode_name(mask_mode) == "causal"
-    return [(b, s, e, None if causal else masks.build_mask(kinds[b, s:e], mask_mode)) for b, s, e in spans]
+    return Blocks([(b, s, e, None if causal else masks.build_mask(kinds[b, s:e], mask_mode))
+                   for b, s, e in spans])
 
 
 def prepare_batch(batch, cfg: Config):
@@ -731,6 +748,21 @@ def prepare_batch(batch, cfg: Config):
             "logits_at": row * ids.shape[1] + col, "targets": labels[:, 1:][predicts],
             "n_targets": int(predicts.sum()),
             "spans": segment_spans(seg if seg is not None else torch.ones_like(ids))}
+
+
+def compile_blocks(m: Qwen25VL):
+    """torch.compile each decoder layer and vision block, with dynamic shapes so that one graph
+    serves every length: a block's per-token work (fp32 norms, projections, rotary, SwiGLU, LoRA
+    and its dropout, residuals) fuses into few kernels where eager launches one per op. The
+    attention loops over samples and images (block_attention, vision.image_attention) stay eager
+    between the compiled parts: traced, they would recompile for every new count. Call before
+    FSDP wraps the blocks (train.place_model). Returns m."""
+    global block_attention
+    block_attention = torch.compiler.disable(block_attention)
+    vision.image_attention = torch.compiler.disable(vision.image_attention)
+    for block in [*m.visual.blocks, *m.model.layers]:
+        block.compile(dynamic=True)
+    return m
 
 
 # ----------------------------------------------------------------------------------------------

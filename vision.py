@@ -38,7 +38,6 @@ tests/test_qwen3.py for the Qwen3-VL tower and its DeepStack features.
 """
 import math
 from dataclasses import dataclass, fields
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -95,9 +94,11 @@ class VisionConfig:
         return cls(**kw)
 
 
-class Layout(NamedTuple):
+@dataclass
+class Layout:
     """Where every patch sits in the padded window grid: built once per batch, on the host
-    (model.prepare_batch), or once per forward."""
+    (model.prepare_batch), or once per forward. A plain class, not a tuple: torch.compile
+    (model.compile_blocks) guards only on the fields a compiled block reads, not on `images`."""
     src: torch.Tensor          # [S] patch feeding each slot (empty slots: any patch of the same frame)
     pos: torch.Tensor          # [S, 2] (row, col) of the slot's patch in its image
     window_mask: torch.Tensor | None  # [W, 1, 1, P] True = a real patch; None when no slot is empty
@@ -252,16 +253,23 @@ class Attention(nn.Module):
         qk = apply_rotary(qkv[:, :2 * nh], cos, sin)
         q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, 2 * nh:]        # each [S, nh, hs]
         if full:  # every patch of an image (of one frame) sees every other: one SDPA call per image
-            out = []
-            for a, t, n, mask in layout.images:
-                # (t, nh, n, hs); contiguous, the layout the CPU flash kernel reads fastest
-                qi, ki, vi = (z[a:a + t * n].view(t, n, nh, -1).transpose(1, 2).contiguous() for z in (q, k, v))
-                out.append(F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask).transpose(1, 2).reshape(-1, D))
-            y = torch.cat(out) if len(out) > 1 else out[0]
+            y = image_attention(q, k, v, layout)
         else:     # windows are consecutive runs of P slots: one SDPA call over all windows of all images
             qw, kw, vw = (z.view(-1, self.window_len, nh, self.head_dim).transpose(1, 2) for z in (q, k, v))  # (W, nh, P, hs)
             y = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=layout.window_mask).transpose(1, 2).reshape(S, D)
         return self.proj(y)
+
+
+def image_attention(q, k, v, layout):
+    """Full attention within each image (each frame), one SDPA call per image: q, k, v [S, nh, hs]
+    -> [S, nh * hs]. A loop over layout.images, which torch.compile (model.compile_blocks) leaves
+    eager: traced, it would recompile for every new count of images."""
+    nh, out = q.shape[1], []
+    for a, t, n, mask in layout.images:
+        # (t, nh, n, hs); contiguous, the layout the CPU flash kernel reads fastest
+        qi, ki, vi = (z[a:a + t * n].view(t, n, nh, -1).transpose(1, 2).contiguous() for z in (q, k, v))
+        out.append(F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask).transpose(1, 2).reshape(t * n, -1))
+    return torch.cat(out) if len(out) > 1 else out[0]
 
 
 class MLP(nn.Module):

@@ -378,3 +378,43 @@ def test_host_memory_does_not_grow_with_the_dataset(demo, tmp_path):
         assert out.returncode == 0, out.stderr
         peaks.append(int(out.stdout.split("peak_rss_kb")[-1]) / 1024)
     assert peaks[1] - peaks[0] < 80, f"peak RSS {peaks[0]:.0f} MB -> {peaks[1]:.0f} MB for 10x the records"
+
+
+# --- torch.compile ----------------------------------------------------------------------------
+
+def test_compiled_blocks_give_the_eager_step_without_recompiling(demo):
+    """model.compile_blocks (train.py --compile): the packed, prepared LoRA step (per-sample
+    blocks, both masks) gives the eager loss and gradient, and other sample counts and lengths
+    reuse the compiled graphs (their attention loops stay outside them)."""
+    import copy
+    import functools
+
+    import torch._dynamo
+    a = train.parse_args(["--stage", "1", "--latents", "4", "--train", "lora", "--lora-dropout", "0"])
+    proc = data.Processor.from_pretrained(demo["base"], num_latents=4)
+    m = train.build_model(a, None, demo["base"], proc, torch.device("cpu"))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:                 # zero at init: make the LoRA path count
+                p.normal_(std=0.05)
+    eager = copy.deepcopy(m)
+    torch._dynamo.reset()
+    model.compile_blocks(m)
+    prepare = functools.partial(model.prepare_batch, cfg=m.cfg)
+    records = data.load_dataset(demo["train"])
+    items = [data.EncodedRecords(records, proc)[i] for i in range(len(records))]
+    one = [x for x, r in zip(items, records) if len(r.images) == 1]      # whole 112-px windows
+    mixed = items[::-1]                         # and 56-px images: padded windows, a window mask
+    # the first two steps compile each variant a block has (full or window attention, with or
+    # without a window mask); the others, other sample counts and lengths, must add no graph
+    for i, group in enumerate((mixed[:8], one[:2], mixed[8:11], one[2:7], mixed[11:13])):
+        micro = data.StepBatches(proc.pad_id, 4096, 1, torch.float32, prepare)(group)
+        for mode in ("bottleneck", "causal"):
+            want, got = step_gradient(eager, micro, mode), step_gradient(m, micro, mode)
+            assert got.keys() == want.keys() and any("lora_A" in k for k in want)
+            for k in want:
+                err = (got[k] - want[k]).norm() / want[k].norm()
+                assert err < 1e-5, f"{k}: relative error {err:.2e} with {len(group)} samples, {mode}"
+        if i == 1:
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
