@@ -318,6 +318,8 @@ def train_worker(a):
         for name, p in m.named_parameters():       # LIVR's trainable set (masks.trainable)
             p.requires_grad = masks.trainable(name, "lora")
         m.grad_checkpointing = a.ckpt
+        if a.compile:
+            model.compile_blocks(m)               # compiled in the warm-up steps, not timed
         loss_fn = lambda b: train.compute_loss(m, b, 1)
     else:
         m = load_hf(a.path, dev, dt)
@@ -409,7 +411,8 @@ class Worker:
     def __init__(self, args, **kw):
         a = dict(preset=args.preset, device=args.device, dtype=args.dtype, steps=args.steps,
                  warmup=args.warmup, px=args.px, threads=args.threads, global_batch=0,
-                 micro_tokens=args.micro_batch_tokens, step_px=args.step_px, step_prompt=args.step_prompt)
+                 micro_tokens=args.micro_batch_tokens, step_px=args.step_px, step_prompt=args.step_prompt,
+                 compile=args.compile)
         a.update(kw)
         self.err = tempfile.TemporaryFile(mode="w+")
         self.p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(a)],
@@ -469,7 +472,7 @@ def bench_train_step(args, path, cfg):
     """One optimizer step of the paper's global batch (BLINK-like samples, stage-1 mask, LoRA +
     latents): ours packed into micro-batches of --micro-batch-tokens, transformers at batch 1
     with accumulation. Same turn-taking as bench_train."""
-    w = {side: Worker(args, path=path, side=side, ckpt=False, profile=False, max_batch=False,
+    w = {side: Worker(args, path=path, side=side, ckpt=False, profile=side == "ours", max_batch=False,
                       global_batch=args.global_batch, steps=args.step_steps, warmup=args.step_warmup)
          for side in ("ours", "hf")}
     r, best = take_turns(w, args.step_rounds)
@@ -722,7 +725,11 @@ def table(r):
         extra.append(f"optimizer step of {G}: ours in {o['micro_batches'] / o['samples'] * G:.1f} packed "
                      f"micro-batches of <= {r['micro_batch_tokens']} tokens ({o['host_prepare_s'] * 1e3:.0f} ms "
                      f"on the host to pack and prepare, off the step), transformers in {G} of batch 1; loss "
-                     f"with dropout off {o['loss_no_dropout']:.6f} vs {h['loss_no_dropout']:.6f}")
+                     f"with dropout off {o['loss_no_dropout']:.6f} vs {h['loss_no_dropout']:.6f}"
+                     + ("; our blocks compiled (--compile)" if r.get("compiled") else ""))
+        extra.append(f"our optimizer step: matrix multiplies {o['gemm_fraction']:.0%} + attention kernels "
+                     f"{o['attention_fraction']:.0%}; top ops: "
+                     + ", ".join(f"{k} {s:.0%}" for k, s, _ in o["top_ops"][:8]))
     if "mfu" in r:
         extra.append(f"model FLOPs utilisation (ours, batch 1): {r['mfu']:.1%}; "
                      f"largest batch that fits (act. ckpt): {tr['max_batch_ckpt']}")
@@ -751,6 +758,9 @@ def main():
                         "4096 on a GPU, where the 3B's activations take ~6 MB a token; 8192 on CPU)")
     p.add_argument("--only", default=",".join(SECTIONS), metavar="SECTIONS",
                    help="comma-separated subset of the sections to run (default: all): %(default)s")
+    p.add_argument("--compile", action="store_true",
+                   help="our side with its blocks compiled (model.compile_blocks, train.py --compile); "
+                        "the compile runs in the untimed warm-up steps")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     only = set(args.only.split(",")) - {""}
@@ -778,7 +788,8 @@ def main():
     r = dict(preset=args.preset, device=args.device, dtype=args.dtype, machine=machine(args.device),
              torch=torch.__version__, transformers=__import__("transformers").__version__,
              threads=torch.get_num_threads(), load_average_start=os.getloadavg(),
-             global_batch=args.global_batch, micro_batch_tokens=args.micro_batch_tokens)
+             global_batch=args.global_batch, micro_batch_tokens=args.micro_batch_tokens,
+             compiled=args.compile)
     log(f"{r['preset']} preset, {r['dtype']}, {r['device']}: {r['machine']}, {r['threads']} threads")
     if args.device == "cpu" and r["load_average_start"][0] > 1:
         log(f"warning: load average {r['load_average_start'][0]:.1f}: if other jobs are running, the "
@@ -833,6 +844,7 @@ def main():
             r["mfu"] = flops / tr["ours"]["step_s"] / (peak * 1e12)
     if "train_step" in only:
         r["train_step_speedup"] = ts["ours"]["samples_per_s"] / ts["hf"]["samples_per_s"]
+        r["train_step_gemm_fraction"] = ts["ours"]["gemm_fraction"]
         if gpu_bf16:
             r["train_step_mfu"] = ts["flops_per_step"] / ts["ours"]["step_s"] / (peak * 1e12)
             r["train_step_mfu_hf"] = ts["flops_per_step"] / ts["hf"]["step_s"] / (peak * 1e12)
