@@ -3,6 +3,7 @@ move, FSDP over 2 processes equals 1 process, kill-and-resume equals an uninterr
 bad input fails with a message that says what to do."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -382,6 +383,8 @@ def test_host_memory_does_not_grow_with_the_dataset(demo, tmp_path):
 
 # --- torch.compile ----------------------------------------------------------------------------
 
+@pytest.mark.skipif(not any(map(shutil.which, (os.environ.get("CXX", "g++"), "c++", "clang++"))),
+                    reason="torch.compile on CPU needs a C++ compiler, and none is on PATH")
 def test_compiled_blocks_give_the_eager_step_without_recompiling(demo):
     """model.compile_blocks (train.py --compile): the packed, prepared LoRA step (per-sample
     blocks, both masks) gives the eager loss and gradient, and other sample counts and lengths
