@@ -500,7 +500,7 @@ def parse_args(argv=None):
     p.add_argument("--no-latents", action="store_true", help="drop the latent tokens from the prompt")
     p.add_argument("--batch-size", type=int, default=8, help="(default: %(default)s)")
     p.add_argument("--workers", type=int, help="DataLoader processes that decode images ahead of "
-                                               "the model (default: 4 on GPU, 0 on CPU: in-process)")
+                                               "the model (default: up to 4 on GPU, 0 on CPU: in-process)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="(default: %(default)s)")
     p.add_argument("--limit", type=int, help="only the first N records")
     p.add_argument("--attention-samples", type=int, default=64,
@@ -545,7 +545,10 @@ def run(args):
     specs = args.checkpoint or [DEMO_CHECKPOINT]
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
         args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")]
-    workers = args.workers if args.workers is not None else 4 if str(args.device).startswith("cuda") else 0
+    # as train.py: on a GPU up to 4 decoding processes, leaving a core for the main one; on CPU
+    # a worker would only compete with the model for a core
+    workers = args.workers if args.workers is not None else (
+        min(4, max(1, (os.cpu_count() or 1) - 1)) if str(args.device).startswith("cuda") else 0)
     if workers < 0:
         raise EvalError(f"--workers {workers}: a number of processes, 0 or more")
     records, problems = load_records(args.data, args.image_root, args.limit)
