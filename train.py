@@ -56,9 +56,9 @@ PAPER_EPOCHS = {1: 4, 2: 6}
 # else is the paper's recipe. It saves every 200 of its short steps, not 50: each save of a
 # 2-process CPU run gathers the sharded state over gloo, where a rank was once seen to abort
 # mid-gather (see README, "Tests"). Flags given on the command line still win.
-DEMO = dict(train="full", lr=5e-4, epochs={1: 2, 2: 7}, batch_size=4, save_every=200, n_train=800)
+DEMO = dict(train="full", lr=5e-4, epochs={1: 2, 2: 8}, batch_size=4, save_every=200, n_train=800)
 DEMO_HELP = ("With no --model the run is the built-in demo, and these defaults differ (the demo "
-             "preset, train.DEMO): --train full --lr 5e-4 --epochs 2 (stage 1) / 7 (stage 2), "
+             "preset, train.DEMO): --train full --lr 5e-4 --epochs 2 (stage 1) / 8 (stage 2), "
              "--batch-size 4 (used with --micro-batch-tokens 0), --save-every 200, on 800 "
              "synthetic samples per task under runs/demo/.")
 
