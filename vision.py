@@ -108,11 +108,18 @@ class Layout:
     pos_index: torch.Tensor | None = None   # [S, 4] long rows of pos_embed
     pos_weight: torch.Tensor | None = None  # [S, 4] fp32 weights
 
-    def to(self, device, non_blocking=False):
-        mv = lambda z: None if z is None else z.to(device, non_blocking=non_blocking)
+    def map(self, fn):
+        """A Layout with fn applied to every tensor in it."""
+        mv = lambda z: None if z is None else fn(z)
         return Layout(mv(self.src), mv(self.pos), mv(self.window_mask),
                       [(a, t, n, mv(mask)) for a, t, n, mask in self.images], mv(self.merged_src),
                       mv(self.pos_index), mv(self.pos_weight))
+
+    def to(self, device, non_blocking=False):
+        return self.map(lambda z: z.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self):        # the DataLoader's pin_memory=True calls this (a GPU run's loader)
+        return self.map(torch.Tensor.pin_memory)
 
 
 def window_layout(grid_thw, cfg):

@@ -284,3 +284,20 @@ def test_torchrun_nccl_compiled_steps_follow_eager(demo, tmp_path):
     a, b = losses(tmp_path / "eager", 1), losses(tmp_path / "compiled", 1)
     assert len(a) == len(b) > 3
     assert b == pytest.approx(a, rel=3e-2)
+
+
+def test_a_gpu_runs_loader_pins_the_whole_batch(demo):
+    """With pin_memory (train.py's loader on a GPU) every tensor of a prepared batch is pinned,
+    the vision layout's too (vision.Layout.pin_memory), so its copy to the device overlaps."""
+    import functools
+    proc = data.Processor.from_pretrained(demo["base"], num_latents=4)
+    cfg = model.read_config(demo["base"])
+    records = data.load_dataset(demo["train"])
+    loader = data.loader(data.EncodedRecords(records, proc), data.StepSampler(len(records), 4, 0, 1, 0, 0, 1),
+                         data.StepBatches(proc.pad_id, 4096, 1, torch.bfloat16,
+                                          functools.partial(model.prepare_batch, cfg=cfg)),
+                         workers=1, pin_memory=True)
+    (batch,) = next(iter(loader))
+    layout = batch["vision_layout"]
+    assert batch["input_ids"].is_pinned() and batch["pixel_values"].is_pinned()
+    assert layout.src.is_pinned() and layout.merged_src.is_pinned()
