@@ -295,18 +295,21 @@ def all_sum(*xs):
     return t.tolist()
 
 
-def shard_model(m, compute_dtype, device):
+def shard_model(m, compute_dtype, device, per_block=None):
     """FSDP2, torchtitan-style: on a GPU each vision block and decoder block is its own unit,
     then the root (embeddings, tied head, latents, merger); a block's parameters are gathered for
     its forward, freed, and gathered again for its backward, so memory holds about one block's.
     CPU processes (gloo) shard the model as one unit: there every collective is a round trip
     between processes that costs more than a tiny demo block's compute (the 2-process demo step:
-    87 ms per-block, 62 ms as one unit, with AdamW's foreach). Parameters stay fp32 masters;
-    compute runs in `compute_dtype` and gradients reduce in fp32."""
+    87 ms per-block, 62 ms as one unit, with AdamW's foreach). per_block overrides the choice
+    (tests shard per block over gloo). Parameters stay fp32 masters; compute runs in
+    `compute_dtype` and gradients reduce in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     mesh = dist.device_mesh.init_device_mesh(device.type, (dist.get_world_size(),))
-    if device.type == "cuda":
+    if per_block is None:
+        per_block = device.type == "cuda"
+    if per_block:
         for block in [*m.visual.blocks, *m.model.layers]:
             fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(m, mesh=mesh, mp_policy=mp)

@@ -216,7 +216,7 @@ sys.path.insert(0, sys.argv[1])
 import model, train
 rank, world, device = train.setup_distributed()
 m, meta = model.load_livr(sys.argv[2])
-train.shard_model(m, torch.float32, device)
+train.shard_model(m, torch.float32, device, per_block=True)     # as on GPUs: a unit per block
 params = [p for p in m.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=0.1)
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
