@@ -619,13 +619,23 @@ def main(argv=None):
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         if dist.is_initialized():
-            dist.destroy_process_group()
+            leave(2)              # an error need not reach every rank: no barrier to meet at
         sys.exit(2)
     if dist.is_initialized():
-        # leave together: rank 0 may still be writing `final`, and a rank that tore its group
-        # down early was seen to abort at exit ("terminate called without an active exception")
-        dist.barrier()
-        dist.destroy_process_group()
+        dist.barrier()            # rank 0 may still be writing `final`: leave together
+        leave(0)
+
+
+def leave(code):
+    """End a distributed process without tearing its process group down. Under gloo (torch
+    2.13) the teardown aborts the process now and then, after everything is written: "terminate
+    called without an active exception" in 4 of 30 two-process runs ending in a refused save,
+    and still in 1 of 20 with a barrier first; 0 of 30 leaving like this. Nothing is lost:
+    checkpoints and metrics are closed files by then, and DataLoader workers exit when their
+    parent does."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # ----------------------------------------------------------------------------------------------
