@@ -384,7 +384,7 @@ def main(argv=None, prog=None):
     try:
         out = export(args.checkpoint, args.out, args.max_shard_size,
                      DTYPES[args.dtype] if args.dtype else None)
-    except ExportError as e:
+    except (ExportError, qwen.CheckpointError) as e:      # the latter: a malformed file of the base
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
