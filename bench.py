@@ -9,7 +9,7 @@ weights, the same inputs, one run. Every ratio is ours / transformers.
   1b. step    one optimizer step of the paper's global batch of 8 BLINK-like samples (1-4 images
               of 224-672 px, half that on a CPU; 40-200 prompt tokens), same trainable set and
               mask: ours packed into as few micro-batches as --micro-batch-tokens allows
-              (data.pack + model.prepare_batch, made on the host as the data pipeline does),
+              (batching.pack + batching.prepare_batch, made on the host as the data pipeline does),
               transformers at batch 1 with accumulation 8. Samples/s, tokens/s, peak memory, and
               on a GPU the model FLOPs utilisation (train_step_mfu).
   2. vision   encoder forward, images/s at 448x448 and 896x896 (transformers with sdpa).
@@ -20,7 +20,7 @@ Against the machine: the share of our training step's time spent in matrix multi
 (torch.profiler), and our batch-1 decode speed over the memory-bandwidth bound (a copy bandwidth
 measured in this run / the weight bytes every decoded token reads).
 
-Like with like: one random checkpoint written by model.save_pretrained, loaded by both sides in
+Like with like: one random checkpoint written by checkpoint.save_pretrained, loaded by both sides in
 the same dtype (fp32 on CPU, bf16 on a GPU). Transformers gets the same trainable set (its
 projections wrapped in our model.LoRALinear under the same seed, the latent rows written over its
 embedding output by a hook), the same bottleneck mask (as a [B, 1, L, L] additive float mask, which
@@ -56,13 +56,16 @@ import time
 import torch
 import torch.nn as nn
 
+import batching
+import checkpoint
 import data
+import demo as demo_files
 import masks
 import model
 import train
 
 K = 16                         # LIVR's latent tokens
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "bfloat16")        # --dtype choices: torch dtype names
 TARGETS = {  # the project's speed targets: (comparison, target)
     "train_speedup": (">=", 1.3), "train_mem_ratio": ("<=", 0.85), "vision_speedup": (">=", 1.15),
     "decode_speedup": (">=", 1.0), "decode_speedup_tiny": (">=", 2.0),
@@ -84,18 +87,13 @@ def write_checkpoint(preset, out_dir, dtype, seed=0):
     """A random model of the preset's shape, written in the hub's layout for both loaders. "tiny"
     is the demo's model as train.py makes it: the tiny shapes with its own 512-token vocabulary."""
     if preset == "tiny":
-        return train.make_demo_base(out_dir)
+        return demo_files.make_demo_base(out_dir)
     with torch.device("meta"):
         m = model.Qwen25VL(model.preset(preset))
     m = m.to_empty(device="cpu")          # only the weights are written, so no buffer needs filling
     m.lm_head.weight = m.model.embed_tokens.weight
-    model.save_pretrained(model.init_weights(m, seed=seed).to(dtype), out_dir)
+    checkpoint.save_pretrained(model.init_weights(m, seed=seed).to(dtype), out_dir)
     return out_dir
-
-
-def read_config(path):
-    with open(os.path.join(path, "config.json")) as f:
-        return model.Config.from_dict(json.load(f))
 
 
 def latent_id(vocab_size):
@@ -105,14 +103,14 @@ def latent_id(vocab_size):
 
 
 def load_ours(path, device, dtype):
-    return model.load_pretrained(path, dtype=dtype, device=device)
+    return checkpoint.load_pretrained(path, dtype=dtype, device=device)
 
 
 def load_hf(path, device, dtype):
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    cls = (transformers.Qwen3VLForConditionalGeneration if read_config(path).qwen3
+    cls = (transformers.Qwen3VLForConditionalGeneration if checkpoint.read_config(path).qwen3
            else transformers.Qwen2_5_VLForConditionalGeneration)
     return cls.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
 
@@ -175,7 +173,7 @@ def train_batches(cfg, n, px, seed=0):
     g = torch.Generator().manual_seed(seed)
     sides = list(range(px[0], px[1] + 1, 28))
     pick = lambda: sides[int(torch.randint(len(sides), (1,), generator=g))]
-    return [data.collate([encoded(cfg, g, [(pick(), pick()), (pick(), pick())], n_answer=1 + i % 3)], 0)
+    return [batching.collate([encoded(cfg, g, [(pick(), pick()), (pick(), pick())], n_answer=1 + i % 3)], 0)
             for i in range(n)]
 
 
@@ -306,9 +304,9 @@ def train_worker(a):
     a.global_batch = 0: steps of one batch-1 sample each (train_batches); else optimizer steps of
     a.global_batch BLINK-like samples: ours packed into micro-batches of at most a.micro_tokens
     tokens, transformers one sample per micro-batch, both accumulating to one AdamW step. Our
-    batches are prepared on the host first (model.prepare_batch), as the data pipeline does."""
-    dev, dt = a.device, DTYPES[a.dtype]
-    cfg = read_config(a.path)
+    batches are prepared on the host first (batching.prepare_batch), as the data pipeline does."""
+    dev, dt = a.device, getattr(torch, a.dtype)
+    cfg = checkpoint.read_config(a.path)
     ours = a.side == "ours"
     if ours:
         m = load_ours(a.path, dev, dt)
@@ -332,13 +330,13 @@ def train_worker(a):
     m.train()
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    prep = (lambda b: model.prepare_batch(b, cfg)) if ours else (lambda b: b)
+    prep = (lambda b: batching.prepare_batch(b, cfg)) if ours else (lambda b: b)
     if a.global_batch:
         G = a.global_batch
         samples = blink_like_samples(cfg, G * (a.warmup + a.steps), a.step_px, a.step_prompt)
         groups = [samples[i:i + G] for i in range(0, len(samples), G)]
-        split = (lambda grp: [trim(b) for b in data.pack(grp, a.micro_tokens)]) if ours else \
-            (lambda grp: [data.collate([s], 0) for s in grp])
+        split = (lambda grp: [trim(b) for b in batching.pack(grp, a.micro_tokens)]) if ours else \
+            (lambda grp: [batching.collate([s], 0) for s in grp])
         t0 = time.perf_counter()
         steps = [[prep(b) for b in split(grp)] for grp in groups]
         host_s = (time.perf_counter() - t0) / len(groups)
@@ -483,7 +481,7 @@ def bench_train_step(args, path, cfg):
     # model FLOPs per step, the same for both sides: each sample on its own (train_flops)
     samples = blink_like_samples(cfg, args.global_batch * (args.step_warmup + args.step_steps),
                                  args.step_px, args.step_prompt)[args.global_batch * args.step_warmup:]
-    r["flops_per_step"] = sum(train_flops(cfg, data.collate([s], 0)) for s in samples) / args.step_steps
+    r["flops_per_step"] = sum(train_flops(cfg, batching.collate([s], 0)) for s in samples) / args.step_steps
     o, h = r["ours"], r["hf"]
     log(f"  global batch {args.global_batch}: {o['samples_per_s']:.2f} vs {h['samples_per_s']:.2f} samples/s "
         f"({o['tokens_per_s']:.0f} vs {h['tokens_per_s']:.0f} tokens/s; ours in "
@@ -559,7 +557,7 @@ def bench_vision(ours, ref, args, cfg):
     res = {}
     for px, n in zip(args.vision_px, args.vision_n):
         pv, thw = random_images([(px, px)] * n, g, cfg)
-        pv, thw = pv.to(args.device, DTYPES[args.dtype]), thw.to(args.device)
+        pv, thw = pv.to(args.device, getattr(torch, args.dtype)), thw.to(args.device)
         t_ours, t_hf = fastest([lambda: ours.visual(pv, thw),
                                 lambda: ref.model.get_image_features(pv, thw)], args.device, args.reps)
         res[px] = dict(ours=n / t_ours, hf=n / t_hf, speedup=t_hf / t_ours, images=n)
@@ -589,7 +587,7 @@ def bench_decode(ours, ref, args, cfg, batches, bandwidth=False):
         dst = torch.empty_like(src)
     for B in batches:
         ids, pv, thw = (t.to(args.device) for t in prompts(cfg, B, args.decode_px))
-        pv, am, mm = pv.to(DTYPES[args.dtype]), torch.ones_like(ids), (ids == cfg.image_token_id).int()
+        pv, am, mm = pv.to(getattr(torch, args.dtype)), torch.ones_like(ids), (ids == cfg.image_token_id).int()
         gen_ours = lambda n: ours.generate(ids, pv, thw, attention_mask=am, max_new_tokens=n, eos_token_id=-1)
         gen_hf = lambda n: ref.generate(input_ids=ids, attention_mask=am, pixel_values=pv, image_grid_thw=thw,
                                         mm_token_type_ids=mm, max_new_tokens=n, min_new_tokens=n,
@@ -635,17 +633,17 @@ def blink_like_lengths(n, seed=0):
 
 def efficiency(lengths, batch_size, max_len):
     recs = [length_only(n) for n in lengths]
-    padded = [data.collate(recs[i:i + batch_size], 0) for i in range(0, len(recs), batch_size)]
-    return dict(packed=data.packing_efficiency(data.pack(recs, max_len)),
-                padded=data.packing_efficiency(padded), samples=len(lengths), max_len=max_len,
+    padded = [batching.collate(recs[i:i + batch_size], 0) for i in range(0, len(recs), batch_size)]
+    return dict(packed=batching.packing_efficiency(batching.pack(recs, max_len)),
+                padded=batching.packing_efficiency(padded), samples=len(lengths), max_len=max_len,
                 batch_size=batch_size, mean_len=sum(lengths) / len(lengths), max_sample=max(lengths))
 
 
 def bench_packing(args, demo, tmp):
-    """The synthetic multi-task mix (data.make_synthetic, tokenized by the demo's tokenizer) in
+    """The synthetic multi-task mix (demo.make_synthetic, tokenized by the demo's tokenizer) in
     its training order, and a BLINK-like length distribution; pad-to-longest in batches of 8."""
     proc = data.Processor.from_pretrained(demo, num_latents=K)
-    paths = data.make_synthetic(os.path.join(tmp, "synth"), n_train=args.pack_n // 4, n_val=1, n_test=1)
+    paths = demo_files.make_synthetic(os.path.join(tmp, "synth"), n_train=args.pack_n // 4, n_val=1, n_test=1)
     synth = [proc.num_tokens(r) for r in data.load_dataset(paths["train"])]
     blink = blink_like_lengths(args.pack_n)
     return {"synthetic": efficiency(synth, 8, args.pack_len[0]),
@@ -795,11 +793,11 @@ def main():
         log(f"warning: load average {r['load_average_start'][0]:.1f}: if other jobs are running, the "
             "sides take turns and the fastest pass counts, but with several threads a busy "
             "neighbour still stalls every parallel region (--threads 1 holds up better)")
-    dt = DTYPES[args.dtype]
+    dt = getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         path = write_checkpoint(args.preset, os.path.join(tmp, args.preset), dt)
         demo = path if args.preset == "tiny" else write_checkpoint("tiny", os.path.join(tmp, "tiny"), dt)
-        cfg = read_config(path)
+        cfg = checkpoint.read_config(path)
         if "train" in only:
             log("1. training step")
             r["train"] = tr = bench_train(args, path)
@@ -824,7 +822,7 @@ def main():
             else:
                 log("   the tiny demo model (train.py's: preset tiny, its 512-token vocabulary)")
                 r["decode_tiny"] = bench_decode(load_ours(demo, args.device, dt), load_hf(demo, args.device, dt),
-                                                args, read_config(demo), (1,))[1]
+                                                args, checkpoint.read_config(demo), (1,))[1]
         if "packing" in only:
             log("4. packing")
             r["packing"] = bench_packing(args, demo, tmp)

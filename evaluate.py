@@ -42,13 +42,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+import batching
+import checkpoint
 import data
+import demo
 import masks
-import model as qwen
 
-DEMO_DIR = "runs/demo"
-DEMO_CHECKPOINT = os.path.join(DEMO_DIR, "stage2", "final")
-DEMO_DATA = os.path.join(DEMO_DIR, "data", "test.jsonl")
+DEMO_CHECKPOINT = os.path.join(demo.DIR, "stage2", "final")
+DEMO_DATA = os.path.join(demo.DIR, "data", "test.jsonl")
 TRAIN_DEMO = ("torchrun --nproc_per_node 2 train.py --stage 1 && "
               "torchrun --nproc_per_node 2 train.py --stage 2")
 
@@ -148,7 +149,7 @@ def sample_result(index, record, output="", error=None):
 def generate_batch(m, processor, encoded, max_new_tokens, mask="causal"):
     """Greedy outputs (decoded text) for a list of encoded prompts, left-padded into one batch."""
     dev = next(m.parameters()).device
-    batch = data.collate(encoded, processor.pad_id, padding_side="left")
+    batch = batching.collate(encoded, processor.pad_id, padding_side="left")
     pv = batch["pixel_values"] if batch["pixel_values"].numel() else None
     new = m.generate(batch["input_ids"].to(dev), pv if pv is None else pv.to(dev),
                      batch["image_grid_thw"].to(dev), batch["attention_mask"].to(dev),
@@ -184,7 +185,7 @@ def evaluate(m, processor, records, batch_size=8, mask="causal", latents=True, m
         except Exception as e:           # PIL raises many types for bad files
             results[i] = sample_result(i, r, error=f"{type(e).__name__}: {e}")
     order = [i for _, i in sorted(by_length)]     # similar lengths together: less padding per batch
-    batches = data.loader(data.EncodedRecords(records, processor, with_answer=False, keep_errors=True,
+    batches = batching.loader(batching.EncodedRecords(records, processor, with_answer=False, keep_errors=True,
                                               transform=None if latents else drop_latents),
                           [order[s:s + batch_size] for s in range(0, len(order), batch_size)],
                           collate_fn=list, workers=workers)
@@ -410,7 +411,15 @@ def attention_maps(m, processor, records, indices, out_dir, per_latent=False, ma
                                     small=tag != "mean"))
             rows.append("<div>" + "".join(figs) + "</div>")
         sections.append(head + "\n".join(rows))
-    page = (f"<!doctype html>\n<meta charset=utf-8>\n<title>{html.escape(title)}</title>\n<style>"
+    page = _page(title, mask, sections)
+    path = os.path.join(out_dir, "index.html")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
+    return path
+
+
+def _page(title, mask, sections):
+    return (f"<!doctype html>\n<meta charset=utf-8>\n<title>{html.escape(title)}</title>\n<style>"
             "body{font-family:sans-serif;max-width:1400px;margin:auto;padding:0 1em}"
             "section{border-top:1px solid #ccc;padding:.5em 0}figure{display:inline-block;margin:4px;"
             "vertical-align:top;text-align:center}figure img{width:200px;height:auto}"
@@ -421,10 +430,6 @@ def attention_maps(m, processor, records, indices, out_dir, per_latent=False, ma
             f"image's tokens, averaged over all heads and layers (mask: {html.escape(mask)}); each "
             "map is scaled to its own maximum.</p>\n"
             + "\n".join(f"<section>{s}</section>" for s in sections) + "\n")
-    path = os.path.join(out_dir, "index.html")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(page)
-    return path
 
 
 def _figure(src, caption, small=False):
@@ -446,8 +451,8 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32):
         raise EvalError(f"{path} is not a checkpoint: it has neither livr.json (train.py) nor "
                         "config.json (a hub checkpoint)")
     try:
-        m, meta = qwen.load_livr(path, dtype=dtype, device=device, merge=True)
-        base = qwen.resolve(meta["base"])
+        m, meta = checkpoint.load_livr(path, dtype=dtype, device=device, merge=True)
+        base = checkpoint.resolve(meta["base"])
     except Exception as e:
         raise EvalError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
     try:
@@ -494,7 +499,7 @@ def parse_args(argv=None):
                         f"table (default: {DEMO_CHECKPOINT})")
     p.add_argument("--data", default=DEMO_DATA, help="test set, .jsonl or LLaVA .json (default: %(default)s)")
     p.add_argument("--image-root", help="resolve image paths here instead of next to --data")
-    p.add_argument("--mask", choices=list(masks.RULES), default="causal",
+    p.add_argument("--mask", choices=masks.RULES, default="causal",
                    help="bottleneck: the stage-1 mask at test time, only latents see the image "
                         "(default: %(default)s)")
     p.add_argument("--no-latents", action="store_true", help="drop the latent tokens from the prompt")
@@ -508,7 +513,7 @@ def parse_args(argv=None):
     p.add_argument("--maps", metavar="I,J,...", help="record indices: latent->image attention maps "
                                                      "for the last checkpoint")
     p.add_argument("--per-latent", action="store_true", help="a map per latent, not only the mean")
-    p.add_argument("--out", default=os.path.join(DEMO_DIR, "eval"),
+    p.add_argument("--out", default=os.path.join(demo.DIR, "eval"),
                    help="table.md, results.json and maps/ go here (default: %(default)s)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="(default: %(default)s)")
@@ -536,75 +541,34 @@ def main(argv=None):
     try:
         check_args(args)
         return run(args)
-    except (EvalError, data.DataError, qwen.CheckpointError, OSError) as e:
+    except (EvalError, data.DataError, checkpoint.CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 def run(args):
     specs = args.checkpoint or [DEMO_CHECKPOINT]
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
-        args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")]
-    # as train.py: on a GPU up to 4 decoding processes, leaving a core for the main one; on CPU
-    # a worker would only compete with the model for a core
-    workers = args.workers if args.workers is not None else (
-        min(4, max(1, (os.cpu_count() or 1) - 1)) if str(args.device).startswith("cuda") else 0)
+    dtype = checkpoint.DTYPES[args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")]
+    workers = args.workers if args.workers is not None else batching.default_workers(args.device)
     if workers < 0:
         raise EvalError(f"--workers {workers}: a number of processes, 0 or more")
     records, problems = load_records(args.data, args.image_root, args.limit)
-    if args.maps:
-        try:
-            map_indices = [int(x) for x in args.maps.split(",") if x.strip()]
-        except ValueError:
-            raise EvalError(f"--maps takes record indices like 0,3,7, not {args.maps!r}")
-        bad = [i for i in map_indices if not 0 <= i < len(records)]
-        if bad:
-            raise EvalError(f"--maps: no record {bad} (the data has {len(records)})")
+    map_indices = parse_maps(args.maps, len(records)) if args.maps else None
     for p in problems:
         print(f"skipped {p}", file=sys.stderr)
     setting = f"mask {args.mask}, latents {'dropped' if args.no_latents else 'as trained'}"
     print(f"{args.data}: {len(records)} records | {setting}", file=sys.stderr)
-
-    by_name, attention, report, used = {}, {}, [], set()
+    report, used = [], set()
     for spec in specs:
         name, path = checkpoint_name(spec)
         while name in used:
             name += "'"
         used.add(name)
-        m, processor, meta = load_checkpoint(path, args.device, dtype)
-        t0 = time.time()
-
-        def progress(done, n):
-            if sys.stderr.isatty() or done == n:      # a live counter on a terminal, one line in logs
-                print(f"\r{name}: {done}/{n} samples, {time.time() - t0:.0f}s",
-                      end="" if done < n else "\n", file=sys.stderr, flush=True)
-        results = evaluate(m, processor, records, args.batch_size, args.mask, not args.no_latents,
-                           args.max_new_tokens, progress, workers)
-        attn = None
-        if args.attention_samples and m.num_latents and not args.no_latents:
-            attn = answer_latent_attention(m, processor, records, args.mask, args.attention_samples)
-        by_name[name], attention[name] = results, attn
-        s = accuracy(results)
-        report.append({"name": name, "path": path, "meta": meta, **s,
-                       "answer_latent_attention": attn, "unparseable": problems, "samples": results})
-        for r in results:
-            if r["error"]:
-                print(f"{name}: {r['where']}: {r['error']} (scored wrong)", file=sys.stderr)
-        if args.maps and spec == specs[-1] and (args.no_latents or not m.num_latents):
-            print(f"--maps skipped: {name} has no latent tokens" +
-                  (" (--no-latents)" if m.num_latents else ""), file=sys.stderr)
-        elif args.maps and spec == specs[-1]:
-            maps_dir = os.path.join(args.out, "maps")
-            page = attention_maps(m, processor, records, map_indices, maps_dir, args.per_latent,
-                                  args.mask, {r["index"]: r for r in results},
-                                  title=f"{name}: latent→image attention")
-            print(f"attention maps: {page}", file=sys.stderr)
-        del m                                         # one model in memory at a time
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    md = table(by_name, attention)
+        maps = map_indices if spec == specs[-1] else None      # maps: of the last checkpoint
+        report.append(score_checkpoint(args, name, path, records, dtype, workers, maps))
+        report[-1]["unparseable"] = problems
+    md = table({e["name"]: e["samples"] for e in report},
+               {e["name"]: e["answer_latent_attention"] for e in report})
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(f"{args.data} | {setting}\n\n{md}\n")
@@ -621,6 +585,52 @@ def run(args):
     last = report[-1]
     print(f"mean accuracy {last['mean']:.1f}% (chance {last['chance_mean']:.1f}%)")
     return out
+
+
+def parse_maps(spec, n_records):
+    """--maps "0,3,7" -> [0, 3, 7], each a record index of the data."""
+    try:
+        indices = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise EvalError(f"--maps takes record indices like 0,3,7, not {spec!r}")
+    bad = [i for i in indices if not 0 <= i < n_records]
+    if bad:
+        raise EvalError(f"--maps: no record {bad} (the data has {n_records})")
+    return indices
+
+
+def score_checkpoint(args, name, path, records, dtype, workers, map_indices=None):
+    """One checkpoint's row of the report: its samples' results, accuracy, answer->latent
+    attention, and (map_indices) its attention maps. The model leaves memory before the next."""
+    m, processor, meta = load_checkpoint(path, args.device, dtype)
+    t0 = time.time()
+
+    def progress(done, n):
+        if sys.stderr.isatty() or done == n:      # a live counter on a terminal, one line in logs
+            print(f"\r{name}: {done}/{n} samples, {time.time() - t0:.0f}s",
+                  end="" if done < n else "\n", file=sys.stderr, flush=True)
+    results = evaluate(m, processor, records, args.batch_size, args.mask, not args.no_latents,
+                       args.max_new_tokens, progress, workers)
+    attn = None
+    if args.attention_samples and m.num_latents and not args.no_latents:
+        attn = answer_latent_attention(m, processor, records, args.mask, args.attention_samples)
+    for r in results:
+        if r["error"]:
+            print(f"{name}: {r['where']}: {r['error']} (scored wrong)", file=sys.stderr)
+    if map_indices and (args.no_latents or not m.num_latents):
+        print(f"--maps skipped: {name} has no latent tokens" +
+              (" (--no-latents)" if m.num_latents else ""), file=sys.stderr)
+    elif map_indices:
+        page = attention_maps(m, processor, records, map_indices, os.path.join(args.out, "maps"),
+                              args.per_latent, args.mask, {r["index"]: r for r in results},
+                              title=f"{name}: latent→image attention")
+        print(f"attention maps: {page}", file=sys.stderr)
+    del m                                         # one model in memory at a time
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"name": name, "path": path, "meta": meta, **accuracy(results),
+            "answer_latent_attention": attn, "samples": results}
 
 
 if __name__ == "__main__":

@@ -29,11 +29,10 @@ load it as any Qwen2.5-VL or Qwen3-VL:
 The weights are safetensors only (no pickle anywhere) and the directory is written elsewhere and
 renamed into place, so an existing OUT stays whole until the new one is complete.
 
-    python model.py export runs/demo/stage2/final runs/demo/hub
+    python export.py runs/demo/stage2/final runs/demo/hub
     python evaluate.py --checkpoint runs/demo/hub          # this project reads it back too
 """
 import argparse
-import ctypes
 import json
 import os
 import re
@@ -43,14 +42,14 @@ import tempfile
 
 import torch
 
+import checkpoint
 import data
-import model as qwen
+import model
 
 # Files of the base checkpoint that travel unchanged (those that exist): image/video settings,
 # the slow tokenizer's vocabulary, the licence. Everything else is written here.
 COPIED = ("preprocessor_config.json", "video_preprocessor_config.json", "special_tokens_map.json",
           "vocab.json", "merges.txt", "LICENSE")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # sampling defaults a base may ship (Qwen's: temperature 0.1, top_k 1, repetition_penalty 1.05);
@@ -65,17 +64,17 @@ class ExportError(Exception):
 # ----------------------------------------------------------------------------------------------
 # The model: merged weights, latent rows in the table
 
-def merged_model(checkpoint):
+def merged_model(run_ckpt):
     """(model, livr.json's meta, K, id of <|latent_0|>): the model with LoRA merged and the
     latent rows written into its embedding table. Loads in fp32 so that the merge
     W + (alpha/r) B A is exact before any cast."""
-    if not os.path.exists(os.path.join(checkpoint, "livr.json")):
-        raise ExportError(f"{checkpoint} is not a LIVR checkpoint: it has no livr.json "
+    if not os.path.exists(os.path.join(run_ckpt, "livr.json")):
+        raise ExportError(f"{run_ckpt} is not a LIVR checkpoint: it has no livr.json "
                           "(train.py writes RUN_DIR/stageN/final)")
     try:
-        m, meta = qwen.load_livr(checkpoint, dtype=torch.float32, device="cpu", merge=True)
+        m, meta = checkpoint.load_livr(run_ckpt, dtype=torch.float32, device="cpu", merge=True)
     except (OSError, ValueError, KeyError) as e:
-        raise ExportError(f"cannot load {checkpoint}: {type(e).__name__}: {e}") from e
+        raise ExportError(f"cannot load {run_ckpt}: {type(e).__name__}: {e}") from e
     k, first = m.num_latents, m.latent_token_id
     if k:
         # set_latents grew the table already if the base had no spare rows for the latent ids
@@ -88,7 +87,7 @@ def merged_model(checkpoint):
 def weight_dtype(path):
     """The dtype the base checkpoint stores its weights in (bf16 on the hub)."""
     from safetensors import safe_open
-    file = qwen._checkpoint_files(path)[0]
+    file = checkpoint.checkpoint_files(path)[0]
     with safe_open(file, "pt") as f:
         key = next(iter(f.keys()))
         return SAFETENSORS_DTYPES.get(f.get_slice(key).get_dtype(), torch.float32)
@@ -133,14 +132,14 @@ def write_tokenizer(processor, base, out, template):
     config["chat_template"] = template
     # the same template where each transformers version looks: the tokenizer's config, the
     # processor's chat_template.jinja (transformers 5) and chat_template.json (4.x)
-    qwen.write_json(config, os.path.join(out, "tokenizer_config.json"))
+    checkpoint.write_json(config, os.path.join(out, "tokenizer_config.json"))
     with open(os.path.join(out, "chat_template.jinja"), "w") as f:
         f.write(template)
-    qwen.write_json({"chat_template": template}, os.path.join(out, "chat_template.json"))
+    checkpoint.write_json({"chat_template": template}, os.path.join(out, "chat_template.json"))
     processor_config = _read_json(os.path.join(base, "processor_config.json"))
     if processor_config is not None:     # a template in here would win over ours: drop it
         processor_config.pop("chat_template", None)
-        qwen.write_json(processor_config, os.path.join(out, "processor_config.json"))
+        checkpoint.write_json(processor_config, os.path.join(out, "processor_config.json"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,7 +161,7 @@ def write_configs(m, base, out, processor, num_latents, first, dtype):
         config["dtype"] = name                            # transformers 5
     # read back by model.load_livr (K = 0: a Direct SFT run; it also marks OUT as an export)
     config["livr"] = {"num_latents": num_latents, "latent_token_id": first}
-    qwen.write_json(config, os.path.join(out, "config.json"))
+    checkpoint.write_json(config, os.path.join(out, "config.json"))
 
     gen = _read_json(os.path.join(base, "generation_config.json")) or {}
     for key in SAMPLING_KEYS:
@@ -172,7 +171,7 @@ def write_configs(m, base, out, processor, num_latents, first, dtype):
     gen.pop("suppress_tokens", None)
     if num_latents:
         gen["suppress_tokens"] = list(range(first, first + num_latents))
-    qwen.write_json(gen, os.path.join(out, "generation_config.json"))
+    checkpoint.write_json(gen, os.path.join(out, "generation_config.json"))
 
 
 def hub_id(base):
@@ -181,10 +180,10 @@ def hub_id(base):
     return f"{m.group(1)}/{m.group(2)}" if m else None
 
 
-def validation_accuracy(checkpoint):
+def validation_accuracy(run_ckpt):
     """Best validation accuracy in the run's metrics.jsonl next to the checkpoint (train.py keeps
     the best-validation checkpoint as final), as 'xx.x% (step n)'; 'unknown' without it."""
-    path = os.path.join(os.path.dirname(os.path.normpath(checkpoint)), "metrics.jsonl")
+    path = os.path.join(os.path.dirname(os.path.normpath(run_ckpt)), "metrics.jsonl")
     rows = []
     if os.path.exists(path):
         with open(path) as f:
@@ -201,13 +200,13 @@ def validation_accuracy(checkpoint):
     return f"{100 * best['val_acc']:.1f}% (step {best.get('step', '?')})"
 
 
-def model_card(meta, checkpoint, num_latents, first, grown, dtype, qwen3=False):
+def model_card(meta, run_ckpt, num_latents, first, grown, dtype, qwen3=False):
     base = meta["base"]
     family, tag = ("Qwen3-VL", "qwen3_vl") if qwen3 else ("Qwen2.5-VL", "qwen2_5_vl")
     name = hub_id(base) or base
     lora = meta.get("lora")
     train = (f"LoRA r={lora['rank']}, alpha={lora['alpha']}, dropout={lora['dropout']} on "
-             f"{', '.join(qwen.LORA_TARGETS)} (merged into the weights)" if lora
+             f"{', '.join(model.LORA_TARGETS)} (merged into the weights)" if lora
              else "the whole language model (vision encoder and merger frozen)")
     front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text",
              f"tags: [livr, {tag}, latent-tokens]"] + (
@@ -218,7 +217,7 @@ def model_card(meta, checkpoint, num_latents, first, grown, dtype, qwen3=False):
 
 A {family} model fine-tuned with LIVR (Latent Implicit Visual Reasoning): K learnable latent
 tokens after the question, trained first under a visual bottleneck (only the latents see the
-image), then with the causal mask. Exported from `{checkpoint}` as a plain transformers
+image), then with the causal mask. Exported from `{run_ckpt}` as a plain transformers
 checkpoint: the chat template adds the latents itself, so the model runs like any {family}.
 
 | | |
@@ -228,7 +227,7 @@ checkpoint: the chat template adds the latents itself, so the model runs like an
 | stage | {meta.get('stage', 'unknown')} |
 | attention mask | {meta.get('mask', 'unknown')} |
 | trained | {train} |
-| validation accuracy | {validation_accuracy(checkpoint)} |
+| validation accuracy | {validation_accuracy(run_ckpt)} |
 | weights | {str(dtype).removeprefix('torch.')}{', embedding table grown to fit the latent ids' if grown else ''} |
 
 - The latent embeddings sit in the embedding table at their ids; the chat template appends the
@@ -255,19 +254,18 @@ print(processor.decode(model.generate(**inputs, max_new_tokens=32)[0, inputs["in
 # ----------------------------------------------------------------------------------------------
 # Writing it all, atomically
 
-def export(checkpoint, out_dir, max_shard_bytes=5 * 10**9, dtype=None):
-    """Write `checkpoint` (a train.py checkpoint directory) to `out_dir` in the hub's layout.
+def export(run_ckpt, out_dir, max_shard_bytes=5 * 10**9, dtype=None):
+    """Write `run_ckpt` (a train.py checkpoint directory) to `out_dir` in the hub's layout.
     dtype: torch dtype of the written weights (default: the base checkpoint's). Returns out_dir."""
     out_dir = os.path.normpath(out_dir)
-    _check_out(out_dir, checkpoint)
-    m, meta, k, first = merged_model(checkpoint)
-    base = qwen.resolve(meta["base"])
-    grown = m.cfg.text.vocab_size > qwen.Config.from_dict(
-        _read_json(os.path.join(base, "config.json"))).text.vocab_size
+    _check_out(out_dir, run_ckpt)
+    m, meta, k, first = merged_model(run_ckpt)
+    base = checkpoint.resolve(meta["base"])
+    grown = m.cfg.text.vocab_size > checkpoint.read_config(base).text.vocab_size
     try:
         processor = data.Processor.from_pretrained(base, num_latents=k)
     except (OSError, ValueError) as e:
-        raise ExportError(f"no tokenizer for {checkpoint} (looked in {base}): {e}") from e
+        raise ExportError(f"no tokenizer for {run_ckpt} (looked in {base}): {e}") from e
     if k and processor.latent_token_id != first:
         raise ExportError(f"the tokenizer at {base} puts <|latent_0|> at id "
                           f"{processor.latent_token_id}, the checkpoint at {first}")
@@ -278,7 +276,7 @@ def export(checkpoint, out_dir, max_shard_bytes=5 * 10**9, dtype=None):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
-        qwen.save_pretrained(m, tmp, max_shard_bytes=max_shard_bytes)
+        checkpoint.save_pretrained(m, tmp, max_shard_bytes=max_shard_bytes)
         write_configs(m, base, tmp, processor, k, first, dtype)
         write_tokenizer(processor, base, tmp, chat_template(k, m.cfg.qwen3))
         for name in COPIED:
@@ -286,7 +284,7 @@ def export(checkpoint, out_dir, max_shard_bytes=5 * 10**9, dtype=None):
                 shutil.copyfile(os.path.join(base, name), os.path.join(tmp, name))
         if not os.path.exists(os.path.join(tmp, "preprocessor_config.json")):
             c = processor.image_config
-            qwen.write_json({
+            checkpoint.write_json({
                 "min_pixels": c.min_pixels, "max_pixels": c.max_pixels, "patch_size": c.patch_size,
                 "temporal_patch_size": c.temporal_patch_size, "merge_size": c.merge_size,
                 "image_mean": list(c.image_mean), "image_std": list(c.image_std),
@@ -294,7 +292,7 @@ def export(checkpoint, out_dir, max_shard_bytes=5 * 10**9, dtype=None):
                 "processor_class": "Qwen3VLProcessor" if m.cfg.qwen3 else "Qwen2_5_VLProcessor"},
                 os.path.join(tmp, "preprocessor_config.json"))
         with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(model_card(meta, checkpoint, k, first, grown, dtype, m.cfg.qwen3))
+            f.write(model_card(meta, run_ckpt, k, first, grown, dtype, m.cfg.qwen3))
         pickles = [n for n in os.listdir(tmp) if n.endswith(PICKLE_SUFFIXES)]
         assert not pickles, f"pickle files in the export: {pickles}"
         umask = os.umask(0)
@@ -302,19 +300,19 @@ def export(checkpoint, out_dir, max_shard_bytes=5 * 10**9, dtype=None):
         os.chmod(tmp, 0o777 & ~umask)             # mkdtemp's 0700 would hide OUT from others
         for name in os.listdir(tmp):
             os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-        _put_in_place(tmp, out_dir)
+        checkpoint.swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
 
 
-def _check_out(out_dir, checkpoint):
+def _check_out(out_dir, run_ckpt):
     """Refuse to replace a directory that is not an earlier export (a run directory, say)."""
-    ckpt = os.path.abspath(checkpoint)
+    ckpt = os.path.abspath(run_ckpt)
     out = os.path.abspath(out_dir)
     if ckpt == out or ckpt.startswith(out + os.sep):
-        raise ExportError(f"{out_dir} holds the checkpoint {checkpoint}: export somewhere else")
+        raise ExportError(f"{out_dir} holds the checkpoint {run_ckpt}: export somewhere else")
     if not os.path.exists(out_dir):
         return
     if not os.path.isdir(out_dir):
@@ -328,40 +326,13 @@ def _check_out(out_dir, checkpoint):
                           "(pass a new or empty directory)")
 
 
-def _put_in_place(tmp, out_dir):
-    """Move the finished directory `tmp` to `out_dir`. Over an existing directory, Linux swaps the
-    two in one step (renameat2 RENAME_EXCHANGE), so OUT is always either the old export or the
-    new one; elsewhere the old one is moved aside first and restored if the second rename fails."""
-    if not os.path.exists(out_dir):
-        os.rename(tmp, out_dir)
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        at_fdcwd, rename_exchange = -100, 2
-        swapped = libc.renameat2(at_fdcwd, os.fsencode(tmp), at_fdcwd, os.fsencode(out_dir),
-                                 rename_exchange) == 0
-    except (AttributeError, OSError):
-        swapped = False
-    if swapped:                              # tmp now holds the old export
-        shutil.rmtree(tmp, ignore_errors=True)
-        return
-    old = tmp + ".old"
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _read_json(path):
     """path's JSON object (a named error when malformed), or None when the base has no such file."""
-    return qwen.read_json(path) if os.path.exists(path) else None
+    return checkpoint.read_json(path) if os.path.exists(path) else None
 
 
 # ----------------------------------------------------------------------------------------------
-# CLI: python model.py export CHECKPOINT OUT  (or python export.py CHECKPOINT OUT)
+# CLI: python export.py CHECKPOINT OUT
 
 def parse_size(text):
     """'5GB', '500MB', '2GiB' or a byte count -> bytes."""
@@ -373,18 +344,18 @@ def parse_size(text):
     return int(float(m.group(1)) * scale[unit])
 
 
-def main(argv=None, prog=None):
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].strip())
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("checkpoint", help="a LIVR checkpoint from train.py, e.g. runs/demo/stage2/final")
     p.add_argument("out", help="the directory to write (replaced atomically if it is an earlier export)")
     p.add_argument("--max-shard-size", type=parse_size, default="5GB",
                    help="largest safetensors shard (default: %(default)s)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="weights' dtype (default: the base's)")
+    p.add_argument("--dtype", choices=sorted(checkpoint.DTYPES), help="weights' dtype (default: the base's)")
     args = p.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out, args.max_shard_size,
-                     DTYPES[args.dtype] if args.dtype else None)
-    except (ExportError, qwen.CheckpointError) as e:      # the latter: a malformed file of the base
+                     checkpoint.DTYPES[args.dtype] if args.dtype else None)
+    except (ExportError, checkpoint.CheckpointError) as e:      # the latter: a malformed file of the base
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -8,9 +8,10 @@ those latents; Stage 2 and inference use the plain causal mask.
 
     mask[..., i, j] == True  <=>  query token i may attend to key token j
 
-A mask mode is one rule below: kinds [..., L] -> BoolTensor [..., L, L] of the edges it keeps.
-build_mask ANDs it with the causal mask and with the packed-sample blocks, so a rule never has
-to think about either. The rules:
+A mask mode is one rule below: (kinds [..., L], ctx) -> BoolTensor [..., L, L] of the edges it
+keeps, where ctx (a Context) tells K, each latent's index in its group and the training progress
+(a curriculum needs no module global). build_mask ANDs the rule with the causal mask and with the
+packed-sample blocks, so a rule never has to think about either. The rules:
   "bottleneck" (stage 1): every token that is neither IMAGE nor LATENT loses its edges to all
       IMAGE tokens. IMAGE tokens attend causally as usual; LATENT tokens keep everything
       earlier (prompt, images, earlier latents) -- they are the only route from image to answer.
@@ -24,6 +25,8 @@ fully masked row.
 
 Run `python masks.py` to see a small example drawn as a character grid.
 """
+import functools
+
 import torch
 
 # ----------------------------------------------------------------------------------------------
@@ -55,29 +58,51 @@ def place_latents(user_parts, latents, is_image=lambda part: isinstance(part, in
 
 
 # ----------------------------------------------------------------------------------------------
-# The mask rules: kinds [..., L] -> edges kept [..., L, L] (before causal and packing)
+# The mask rules: (kinds [..., L], context) -> edges kept [..., L, L] (before causal and packing)
 
-def causal(kinds):
+class Context:
+    """What a rule may read besides the kinds; build_mask makes it. Everything is on the kinds'
+    device and computed only when a rule reads it, so building a mask never waits on the device.
+      segments      [..., L] packed-sample numbers (None: one sample per row)
+      num_latents   K, as the model has it (None where the caller does not say)
+      progress      training progress in [0, 1] (step / total steps) while training and
+                    validating; None at inference -- a curriculum decides what that means
+      latent_index  [..., L] long: each latent's index in its group (a run of LATENT tokens:
+                    0..K-1, again after each image when a fork places latents per image), -1 elsewhere
+    """
+
+    def __init__(self, kinds, segments=None, num_latents=None, progress=None):
+        self.kinds, self.segments = kinds, segments
+        self.num_latents, self.progress = num_latents, progress
+
+    @functools.cached_property
+    def latent_index(self):
+        is_latent = self.kinds == LATENT
+        pos = torch.arange(self.kinds.shape[-1], device=self.kinds.device).expand_as(self.kinds)
+        starts = is_latent.clone()
+        starts[..., 1:] &= ~is_latent[..., :-1]                # the first latent of each group
+        first = torch.where(starts, pos, torch.zeros_like(pos)).cummax(-1).values
+        return torch.where(is_latent, pos - first, torch.full_like(pos, -1))
+
+
+def causal(kinds, ctx=None):
     """Stage 2 and inference: nothing beyond the causal mask."""
     return torch.ones(kinds.shape[-1], kinds.shape[-1], dtype=torch.bool, device=kinds.device)
 
 
-def bottleneck(kinds):
+def bottleneck(kinds, ctx=None):
     """Stage 1: only IMAGE and LATENT queries may attend to IMAGE keys."""
     blind = (kinds != IMAGE) & (kinds != LATENT)          # queries that may not see the image
     return ~(blind[..., :, None] & (kinds == IMAGE)[..., None, :])
 
 
-def answer_only(kinds):
+def answer_only(kinds, ctx=None):
     """The "mask only" ablation: ANSWER queries may not attend to IMAGE keys."""
     return ~((kinds == ANSWER)[..., :, None] & (kinds == IMAGE)[..., None, :])
 
 
 RULES = {"bottleneck": bottleneck, "causal": causal, "answer_only": answer_only}
 STAGE_MODES = {1: "bottleneck", 2: "causal"}      # the mask each training stage uses by default
-# stage number or mode name -> mode name (the modes of RULES as written here; mode_name() also
-# knows rules added to RULES later)
-MODES = {**STAGE_MODES, **{name: name for name in RULES}}
 
 
 def mode_name(mode):
@@ -89,9 +114,10 @@ def mode_name(mode):
     return name
 
 
-def build_mask(kinds, mode, segments=None):
+def build_mask(kinds, mode, segments=None, num_latents=None, progress=None):
     """kinds: LongTensor [L] or [B, L]; mode: 1, 2 or a name in RULES; segments: same shape as
-    kinds, numbering packed samples (padding can be its own segment). Returns BoolTensor [..., L, L]."""
+    kinds, numbering packed samples (padding can be its own segment); num_latents and progress
+    reach the rule through its Context. Returns BoolTensor [..., L, L]."""
     name = mode_name(mode)
     L = kinds.shape[-1]
     pos = torch.arange(L, device=kinds.device)
@@ -100,14 +126,15 @@ def build_mask(kinds, mode, segments=None):
         mask = mask & (segments[..., :, None] == segments[..., None, :])
     if name == "causal":
         return mask
-    return mask & (RULES[name](kinds) | torch.eye(L, dtype=torch.bool, device=kinds.device))
+    rule = RULES[name](kinds, Context(kinds, segments, num_latents, progress))
+    return mask & (rule | torch.eye(L, dtype=torch.bool, device=kinds.device))
 
 
-def generated_keys(kinds, mode):
+def generated_keys(kinds, mode, num_latents=None):
     """[B, L] prompt kinds -> [B, L] bool: the prompt keys a generated token may attend to
     under `mode` -- the rule's row for one more ANSWER token after the prompt."""
     ext = torch.cat([kinds, torch.full_like(kinds[..., :1], ANSWER)], -1)     # (B, L+1)
-    return build_mask(ext, mode)[..., -1, :-1]
+    return build_mask(ext, mode, num_latents=num_latents)[..., -1, :-1]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,11 +16,14 @@ import sys
 import pytest
 import torch
 
+import batching
+import checkpoint
 import data
 import masks
 import model
 import tiny
 import train
+from demo import make_demo_base, make_synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -49,7 +52,7 @@ def cuda(*xs):
 def test_fp32_logits_match_transformers_on_cuda(tmp_path):
     path = tiny.write_checkpoint(str(tmp_path), seed=1, tied=False)
     ref = tiny.oracle(path).cuda()
-    ours = model.load_pretrained(path, device="cuda")
+    ours = checkpoint.load_pretrained(path, device="cuda")
     ids, pv, thw = cuda(*tiny.inputs(GRIDS, [5, 7, 3, 9]))
     want = tiny.hf_logits(ref, ids, pv, thw)
     with torch.no_grad():
@@ -76,7 +79,7 @@ def test_padded_batch_under_the_bottleneck_mask_on_cuda(tmp_path):
     kinds = torch.where(ids == tiny.IDS["image_token_id"], masks.IMAGE, masks.TEXT)
     out = {}
     for dev in ("cpu", "cuda"):
-        m = model.load_pretrained(path, device=dev)
+        m = checkpoint.load_pretrained(path, device=dev)
         mask = masks.build_mask(kinds.to(dev), 1, seg.to(dev))
         with torch.no_grad():
             out[dev] = m(ids.to(dev), pv.to(dev), thw.to(dev), mask=mask, segment_ids=seg.to(dev))
@@ -86,26 +89,26 @@ def test_padded_batch_under_the_bottleneck_mask_on_cuda(tmp_path):
 
 def test_bf16_loss_is_close_to_fp32_on_cuda(tmp_path):
     """The same batch through the training loss: bf16 weights and compute vs fp32."""
-    base = train.make_demo_base(str(tmp_path / "base"), std=0.1)
-    paths = data.make_synthetic(tmp_path / "data", n_train=2, n_val=0, n_test=0, seed=0)
+    base = make_demo_base(str(tmp_path / "base"), std=0.1)
+    paths = make_synthetic(tmp_path / "data", n_train=2, n_val=0, n_test=0, seed=0)
     proc = data.Processor.from_pretrained(base, num_latents=4)
-    batch = data.collate([proc.encode(r) for r in data.load_dataset(paths["train"])], proc.pad_id)
+    batch = batching.collate([proc.encode(r) for r in data.load_dataset(paths["train"])], proc.pad_id)
     losses = {}
     for dt in (torch.float32, torch.bfloat16):
-        m = model.load_pretrained(base, dtype=dt, device="cuda", num_latents=4,
+        m = checkpoint.load_pretrained(base, dtype=dt, device="cuda", num_latents=4,
                                   latent_token_id=proc.latent_token_id)
         torch.manual_seed(0)
         m.set_latents(4, proc.latent_token_id)
         with torch.no_grad():
-            ce, n = train.compute_loss(m, train.to_device(batch, torch.device("cuda")), "bottleneck")
+            ce, n = train.compute_loss(m, batching.to_device(batch, torch.device("cuda")), "bottleneck")
         losses[dt] = ce.item() / n
     assert abs(losses[torch.bfloat16] - losses[torch.float32]) <= 2e-2 * abs(losses[torch.float32])
 
 
 def test_mixed_precision_step_on_cuda(tmp_path):
     """One device in bf16: frozen weights bf16, trainable fp32 masters, the step runs."""
-    base = train.make_demo_base(str(tmp_path / "base"))
-    paths = data.make_synthetic(tmp_path / "data", n_train=2, n_val=0, n_test=0, seed=0)
+    base = make_demo_base(str(tmp_path / "base"))
+    paths = make_synthetic(tmp_path / "data", n_train=2, n_val=0, n_test=0, seed=0)
     a = train.parse_args(["--stage", "1", "--latents", "4", "--train", "lora"])
     proc = data.Processor.from_pretrained(base, num_latents=4)
     dev = torch.device("cuda")
@@ -115,7 +118,7 @@ def test_mixed_precision_step_on_cuda(tmp_path):
     assert all(p.dtype == torch.float32 and p.is_cuda for p in params)
     assert all(p.dtype == torch.bfloat16 for p in m.parameters() if not p.requires_grad)
     opt = torch.optim.AdamW(params, lr=1e-5)
-    batch = train.to_device(data.collate([proc.encode(r) for r in data.load_dataset(paths["train"])],
+    batch = batching.to_device(batching.collate([proc.encode(r) for r in data.load_dataset(paths["train"])],
                                          proc.pad_id), dev)
     before = m.latent_embeds.detach().clone()
     with autocast():
@@ -127,7 +130,7 @@ def test_mixed_precision_step_on_cuda(tmp_path):
 
 def test_generation_with_cache_equals_full_forward_on_cuda(tmp_path):
     path = tiny.write_checkpoint(str(tmp_path), seed=7)
-    ours = model.load_pretrained(path, device="cuda")
+    ours = checkpoint.load_pretrained(path, device="cuda")
     a = tiny.inputs([(1, 4, 6)], [3, 8], seed=8)
     b = tiny.inputs([(1, 2, 2), (1, 4, 4)], [2, 3, 4], seed=9)
     L = max(a[0].shape[1], b[0].shape[1])
@@ -146,14 +149,14 @@ def test_generation_with_cache_equals_full_forward_on_cuda(tmp_path):
     # and under the stage-1 mask at test time (the evaluate.py --mask bottleneck path)
     kinds = torch.where(ids == tiny.IDS["image_token_id"], masks.IMAGE, masks.TEXT)
     assert ours.generate(ids, pv, thw, attention_mask=am, max_new_tokens=3, eos_token_id=-1,
-                         kinds=kinds, stage=1).shape == (2, 3)
+                         kinds=kinds, mask_mode=1).shape == (2, 3)
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    base = train.make_demo_base(str(root / "base"))
-    splits = data.make_synthetic(str(root / "data"), n_train=6, n_val=2, n_test=2, seed=3)
+    base = make_demo_base(str(root / "base"))
+    splits = make_synthetic(str(root / "data"), n_train=6, n_val=2, n_test=2, seed=3)
     return dict(base=base, train=str(splits["train"]), val=str(splits["val"]),
                 test=str(splits["test"]))
 
@@ -197,7 +200,7 @@ def test_torchrun_nccl_both_stages_resume_and_evaluate(demo, tmp_path):
     assert "mean accuracy" in r.stdout.splitlines()[-1]
 
 
-# --- the prepared training step (model.prepare_batch + attention_blocks) ----------------------
+# --- the prepared training step (batching.prepare_batch + attention_blocks) ----------------------
 
 @pytest.mark.parametrize("mode", ["bottleneck", "causal"])
 def test_prepared_step_equals_dense_and_never_syncs_on_cuda(mode):
@@ -205,7 +208,7 @@ def test_prepared_step_equals_dense_and_never_syncs_on_cuda(mode):
     given): fp32 logits equal the dense mask's; and a bf16 LoRA step of a prepared batch, forward
     and backward, never waits on the device (sync debug mode turns any wait into an error)."""
     from test_model import LATENT, packed_row
-    cfg = model.Config.from_dict(tiny.config_dict())
+    cfg = checkpoint.config_from_dict(tiny.config_dict())
     m = model.Qwen25VL(cfg, num_latents=4, latent_token_id=LATENT)
     model.init_weights(m, std=0.1)
     model.add_lora(m, 4, 8, 0.05)
@@ -214,7 +217,7 @@ def test_prepared_step_equals_dense_and_never_syncs_on_cuda(mode):
     m.to("cuda").eval()
     raw = packed_row()
     dev = torch.device("cuda")
-    batch, prepared = train.to_device(raw, dev), train.to_device(model.prepare_batch(raw, cfg), dev)
+    batch, prepared = batching.to_device(raw, dev), batching.to_device(batching.prepare_batch(raw, cfg), dev)
     real = raw["segment_ids"][0] > 0
     with torch.no_grad():
         dense = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
@@ -242,7 +245,7 @@ def test_compiled_blocks_equal_eager_on_cuda():
     never waits on the device."""
     import copy
     from test_model import LATENT, packed_row
-    cfg = model.Config.from_dict(tiny.config_dict())
+    cfg = checkpoint.config_from_dict(tiny.config_dict())
     m = model.Qwen25VL(cfg, num_latents=4, latent_token_id=LATENT)
     model.init_weights(m, std=0.1)
     model.add_lora(m, 4, 8, 0.0)
@@ -253,7 +256,7 @@ def test_compiled_blocks_equal_eager_on_cuda():
     m.to("cuda").train()
     eager = copy.deepcopy(m)
     model.compile_blocks(m)
-    prepared = train.to_device(model.prepare_batch(packed_row(), cfg), torch.device("cuda"))
+    prepared = batching.to_device(batching.prepare_batch(packed_row(), cfg), torch.device("cuda"))
     grads = []
     for net in (eager, m, m):                   # the second compiled run: nothing left to compile
         net.zero_grad(set_to_none=True)
@@ -291,11 +294,11 @@ def test_a_gpu_runs_loader_pins_the_whole_batch(demo):
     the vision layout's too (vision.Layout.pin_memory), so its copy to the device overlaps."""
     import functools
     proc = data.Processor.from_pretrained(demo["base"], num_latents=4)
-    cfg = model.read_config(demo["base"])
+    cfg = checkpoint.read_config(demo["base"])
     records = data.load_dataset(demo["train"])
-    loader = data.loader(data.EncodedRecords(records, proc), data.StepSampler(len(records), 4, 0, 1, 0, 0, 1),
-                         data.StepBatches(proc.pad_id, 4096, 1, torch.bfloat16,
-                                          functools.partial(model.prepare_batch, cfg=cfg)),
+    loader = batching.loader(batching.EncodedRecords(records, proc), batching.StepSampler(len(records), 4, 0, 1, 0, 0, 1),
+                         batching.StepBatches(proc.pad_id, 4096, 1, torch.bfloat16,
+                                          functools.partial(batching.prepare_batch, cfg=cfg)),
                          workers=1, pin_memory=True)
     (batch,) = next(iter(loader))
     layout = batch["vision_layout"]

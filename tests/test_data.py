@@ -12,7 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+import batching
+import blink
 import data
+import demo
 import masks
 
 K = 4  # latent tokens in these tests
@@ -33,7 +36,7 @@ def random_image(w, h, mode="RGB", seed=0):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return data.build_tokenizer(tmp_path_factory.mktemp("ckpt"))
+    return demo.build_tokenizer(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,7 @@ def hf(ckpt, ours):
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    return data.make_synthetic(tmp_path_factory.mktemp("synth"), n_train=40, n_val=8, n_test=8, seed=3)
+    return demo.make_synthetic(tmp_path_factory.mktemp("synth"), n_train=40, n_val=8, n_test=8, seed=3)
 
 
 # ---------------------------------------------------------------------------- images
@@ -100,7 +103,7 @@ def test_preprocess_image_rejects_extreme_aspect():
 
 
 def test_image_config_read_from_checkpoint(tmp_path):
-    data.build_tokenizer(tmp_path, min_pixels=1000, max_pixels=50000)
+    demo.build_tokenizer(tmp_path, min_pixels=1000, max_pixels=50000)
     p = data.Processor.from_pretrained(tmp_path)
     assert (p.image_config.min_pixels, p.image_config.max_pixels) == (1000, 50000)
     assert p.image_tokens(1000, 1000) == (196 // 14) ** 2 // 4        # smart_resize -> 196x196 under 50000
@@ -113,7 +116,7 @@ def test_image_config_read_from_checkpoint(tmp_path):
 def test_tokenizer_build_is_fast_deterministic_and_qwen_ordered(tmp_path, ckpt):
     import time
     t0 = time.time()
-    data.build_tokenizer(tmp_path)
+    demo.build_tokenizer(tmp_path)
     assert time.time() - t0 < 2
     assert (tmp_path / "tokenizer.json").read_bytes() == (Path(ckpt) / "tokenizer.json").read_bytes()
     tok = data.Processor.from_pretrained(tmp_path, num_latents=0).tokenizer
@@ -343,9 +346,9 @@ def test_llava_json_with_line_numbers(tmp_path, ours):
 # ---------------------------------------------------------------------------- synthetic tasks
 
 def test_synthetic_is_deterministic(tmp_path):
-    a = data.make_synthetic(tmp_path / "a", n_train=12, n_val=4, n_test=4, seed=7)
-    b = data.make_synthetic(tmp_path / "b", n_train=12, n_val=4, n_test=4, seed=7)
-    c = data.make_synthetic(tmp_path / "c", n_train=12, n_val=4, n_test=4, seed=8)
+    a = demo.make_synthetic(tmp_path / "a", n_train=12, n_val=4, n_test=4, seed=7)
+    b = demo.make_synthetic(tmp_path / "b", n_train=12, n_val=4, n_test=4, seed=7)
+    c = demo.make_synthetic(tmp_path / "c", n_train=12, n_val=4, n_test=4, seed=8)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert len(files) == 3 + 20 * (1 + 1 + 3 + 3)
     for f in files:
@@ -358,7 +361,7 @@ def test_synthetic_is_balanced_and_leak_free(synth):
     by_task = {}
     for r in recs:
         by_task.setdefault(r.task, []).append(r)
-    assert sorted(by_task) == sorted(data.SYNTHETIC_TASKS) and all(len(v) == 40 for v in by_task.values())
+    assert sorted(by_task) == sorted(demo.SYNTHETIC_TASKS) and all(len(v) == 40 for v in by_task.values())
     for task, rs in by_task.items():
         answers = [r.answer for r in rs]
         counts = {a: answers.count(a) for a in set(answers)}
@@ -423,7 +426,7 @@ def encoded(synth, ours):
 
 
 def test_collate(encoded, ours):
-    b = data.collate(encoded, ours.pad_id)
+    b = batching.collate(encoded, ours.pad_id)
     B, L = len(encoded), max(len(e["input_ids"]) for e in encoded)
     for k in ("input_ids", "labels", "kinds", "attention_mask", "segment_ids"):
         assert b[k].shape == (B, L) and b[k].dtype == torch.long
@@ -435,15 +438,15 @@ def test_collate(encoded, ours):
     assert torch.equal(b["pixel_values"], torch.cat([e["pixel_values"] for e in encoded]))
     assert torch.equal(b["image_grid_thw"], torch.cat([e["image_grid_thw"] for e in encoded]))
     real = sum(len(e["input_ids"]) for e in encoded)
-    assert data.packing_efficiency([b]) == pytest.approx(real / (B * L))
-    left = data.collate(encoded, ours.pad_id, padding_side="left")
+    assert batching.packing_efficiency([b]) == pytest.approx(real / (B * L))
+    left = batching.collate(encoded, ours.pad_id, padding_side="left")
     assert left["input_ids"][0, -len(encoded[0]["input_ids"]):].tolist() == encoded[0]["input_ids"].tolist()
 
 
 def test_pack(encoded, ours):
     lengths = [len(e["input_ids"]) for e in encoded]
     max_len = 2 * max(lengths) + 5
-    batches = data.pack(encoded, max_len, ours.pad_id)
+    batches = batching.pack(encoded, max_len, ours.pad_id)
     assert len(batches) < len(encoded)
     seen = []
     for b in batches:
@@ -465,16 +468,16 @@ def test_pack(encoded, ours):
         assert torch.equal(b["image_grid_thw"], torch.cat(grids))
         assert b["pixel_values"].shape[0] == int(b["image_grid_thw"].prod(-1).sum())
     assert sorted(seen) == list(range(len(encoded)))
-    assert data.packing_efficiency(batches) == pytest.approx(sum(lengths) / (len(batches) * max_len))
+    assert batching.packing_efficiency(batches) == pytest.approx(sum(lengths) / (len(batches) * max_len))
     with pytest.raises(ValueError, match="more than the packing length"):
-        data.pack(encoded, min(lengths) - 1)
+        batching.pack(encoded, min(lengths) - 1)
 
 
 def test_pack_is_first_fit():
     fake = [{"input_ids": torch.zeros(n, dtype=torch.long), "labels": torch.zeros(n, dtype=torch.long),
              "kinds": torch.zeros(n, dtype=torch.long), "pixel_values": torch.zeros(0, 1176),
              "image_grid_thw": torch.zeros(0, 3, dtype=torch.long)} for n in (6, 5, 4, 3)]
-    batches = data.pack(fake, 10)
+    batches = batching.pack(fake, 10)
     # 6 -> bin1, 5 -> bin2 (no room in 1), 4 -> bin1 (first with room), 3 -> bin2
     assert [b["segment_ids"][0].tolist() for b in batches] == [[1] * 6 + [2] * 4, [1] * 5 + [2] * 3 + [0] * 2]
 
@@ -485,24 +488,24 @@ def test_step_sampler_reads_each_ranks_share_of_the_seeded_order():
     """Per step: the ranks' shares are disjoint and make up the global batch of the seeded
     per-epoch permutation; starting at step k (a resumed run) replays the same samples."""
     n, G = 23, 6
-    full = [list(data.StepSampler(n, G, r, 3, seed=7, total_steps=8)) for r in range(3)]
-    assert all(len(f) == 8 for f in full) and len(data.StepSampler(n, G, 0, 3, 7, 5, 8)) == 3
+    full = [list(batching.StepSampler(n, G, r, 3, seed=7, total_steps=8)) for r in range(3)]
+    assert all(len(f) == 8 for f in full) and len(batching.StepSampler(n, G, 0, 3, 7, 5, 8)) == 3
     for step in range(8):
         epoch, k = divmod(step, n // G)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(7 + epoch))
         assert sum((f[step] for f in full), []) == order[k * G:(k + 1) * G].tolist()
-    assert list(data.StepSampler(n, G, 1, 3, seed=7, start_step=5, total_steps=8)) == full[1][5:]
+    assert list(batching.StepSampler(n, G, 1, 3, seed=7, start_step=5, total_steps=8)) == full[1][5:]
     with pytest.raises(ValueError, match="does not split over 4"):
-        data.StepSampler(n, G, 0, 4)
+        batching.StepSampler(n, G, 0, 4)
 
 
 def test_rank_shards_cover_the_set_once_with_weight_0_repeats(ours, synth):
     records = data.load_dataset(synth["val"])[:7]
-    ds, seen = data.EncodedRecords(records, ours), []
+    ds, seen = batching.EncodedRecords(records, ours), []
     for rank in range(3):
-        batches = [data.ValBatches(ours.pad_id)([ds[j] for j in ids]) for ids in data.RankShard(7, rank, 3, 2)]
+        batches = [batching.ValBatches(ours.pad_id)([ds[j] for j in ids]) for ids in batching.RankShard(7, rank, 3, 2)]
         assert len(batches) == 2                 # ceil(ceil(7 / 3) / 2) on every rank
-        for ids, (b, w) in zip(data.RankShard(7, rank, 3, 2), batches):
+        for ids, (b, w) in zip(batching.RankShard(7, rank, 3, 2), batches):
             assert b["input_ids"].shape[0] == len(ids) == len(w)
             seen += [(j % 7, float(x)) for j, x in zip(ids, w)]
     assert sorted(i for i, w in seen if w == 1) == list(range(7))
@@ -515,7 +518,7 @@ def test_step_batches_pack_without_padding_to_the_budget(encoded, ours):
     a sample longer than the budget gets a sequence of its own. Budget 0: padded batches."""
     lengths = sorted(len(e["input_ids"]) for e in encoded)
     budget = lengths[-1] + lengths[0] + 8
-    micro = data.StepBatches(ours.pad_id, budget, pixel_dtype=torch.bfloat16)(encoded)
+    micro = batching.StepBatches(ours.pad_id, budget, pixel_dtype=torch.bfloat16)(encoded)
     assert 1 < len(micro) < len(encoded)
     got = []
     for b in micro:
@@ -525,14 +528,14 @@ def test_step_batches_pack_without_padding_to_the_budget(encoded, ours):
         got += [len(b["input_ids"][0, seg == s]) for s in range(1, int(seg.max()) + 1)]
         assert b["pixel_values"].dtype == torch.bfloat16
     assert sorted(got) == lengths
-    assert sum(data.num_targets(b) for b in micro) == sum(int((e["labels"] != -100).sum()) for e in encoded)
-    alone = data.StepBatches(ours.pad_id, 16)(encoded)           # every sample over the budget
+    assert sum(batching.num_targets(b) for b in micro) == sum(int((e["labels"] != -100).sum()) for e in encoded)
+    alone = batching.StepBatches(ours.pad_id, 16)(encoded)           # every sample over the budget
     assert [b["input_ids"].shape[1] for b in alone] == [-(-n // 8) * 8 for n in reversed(lengths)]
-    padded = data.StepBatches(ours.pad_id, 0, batch_size=4)(encoded)
+    padded = batching.StepBatches(ours.pad_id, 0, batch_size=4)(encoded)
     assert [b["input_ids"].shape[0] for b in padded] == [4, 2]
     assert torch.equal(padded[0]["pixel_values"], torch.cat([e["pixel_values"] for e in encoded[:4]]))
-    marked = data.StepBatches(ours.pad_id, 0, prepare=lambda b: {**b, "n_targets": 5})(encoded)
-    assert all(b["n_targets"] == 5 and data.num_targets(b) == 5 for b in marked)
+    marked = batching.StepBatches(ours.pad_id, 0, prepare=lambda b: {**b, "n_targets": 5})(encoded)
+    assert all(b["n_targets"] == 5 and batching.num_targets(b) == 5 for b in marked)
 
 
 def test_loader_leaves_the_global_rng_alone(encoded, ours, synth):
@@ -542,7 +545,7 @@ def test_loader_leaves_the_global_rng_alone(encoded, ours, synth):
     torch.manual_seed(0)
     want = torch.rand(3)
     torch.manual_seed(0)
-    loader = data.loader(data.EncodedRecords(records, ours), [[0, 1], [2, 3]], data.StepBatches(ours.pad_id, 512))
+    loader = batching.loader(batching.EncodedRecords(records, ours), [[0, 1], [2, 3]], batching.StepBatches(ours.pad_id, 512))
     assert len(list(loader)) == 2
     assert torch.equal(torch.rand(3), want)
 
@@ -575,8 +578,8 @@ def test_check_file_decodes_a_shared_image_once(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------- CLI and BLINK
 
-def test_show_prints_kinds_and_counts(synth, capsys):
-    assert data.main(["show", str(synth["val"]), "--index", "0", "--num-latents", "3"]) == 0
+def test_show_prints_kinds_and_counts(synth, ckpt, capsys):
+    assert data.main(["show", str(synth["val"]), "--index", "0", "--num-latents", "3", "--model", str(ckpt)]) == 0
     out = capsys.readouterr().out
     assert "<|latent_0|>" in out and " L " in out and " I " in out and " a " in out
     assert "latent 3, answer 2" in out and "per image: [" in out
@@ -605,7 +608,7 @@ def test_convert_blink(tmp_path):
     ]
     (tmp_path / "BLINK" / "Jigsaw").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "BLINK" / "Jigsaw" / "val-00000-of-00001.parquet")
-    assert data.main(["convert-blink", str(tmp_path / "BLINK"), "--out", str(tmp_path / "out")]) == 0
+    assert blink.main([str(tmp_path / "BLINK"), "--out", str(tmp_path / "out")]) == 0
     recs = data.load_dataset(tmp_path / "out" / "Jigsaw_val.jsonl")
     assert len(recs) == 1
     r = recs[0]

@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import data
+import demo
 import evaluate
 import masks
-import model
 import tiny
-import train
 
 K = 4   # latent tokens in the test checkpoints
 
@@ -27,13 +27,13 @@ def ckpts(tmp_path_factory):
     """A random base checkpoint (zero-shot) and a LIVR checkpoint on top of it (K latents, no
     LoRA). std=0.1 so greedy outputs depend visibly on the image."""
     root = tmp_path_factory.mktemp("ckpt")
-    base = train.make_demo_base(str(root / "base"), std=0.1, seed=0)
+    base = demo.make_demo_base(str(root / "base"), std=0.1, seed=0)
     proc = data.Processor.from_pretrained(base, num_latents=K)
-    m = model.load_pretrained(base, num_latents=K, latent_token_id=proc.latent_token_id)
+    m = checkpoint.load_pretrained(base, num_latents=K, latent_token_id=proc.latent_token_id)
     for name, p in m.named_parameters():
         p.requires_grad = name == "latent_embeds"
     livr = str(root / "livr")
-    model.save_livr(m, livr, {"base": os.path.abspath(base), "stage": 2, "mask": "causal",
+    checkpoint.save_livr(m, livr, {"base": os.path.abspath(base), "stage": 2, "mask": "causal",
                               "train": "full", "lora": None})
     return base, livr
 
@@ -240,7 +240,7 @@ def test_attention_maps_keep_aspect_ratio(ckpts, tmp_path):
 # The CLI
 
 def synthetic(tmp_path, n=2):
-    paths = data.make_synthetic(tmp_path / "data", n_train=0, n_val=0, n_test=n, seed=0)
+    paths = demo.make_synthetic(tmp_path / "data", n_train=0, n_val=0, n_test=n, seed=0)
     return str(paths["test"])
 
 

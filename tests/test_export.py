@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import data
+import demo
 import evaluate
 import export
 import model
@@ -22,18 +24,18 @@ K = 4
 
 
 def make_base(path, spare_rows=True):
-    """train.make_demo_base, or the same model with the table cut to the tokenizer's size: no
+    """demo.make_demo_base, or the same model with the table cut to the tokenizer's size: no
     spare rows for the latent ids, as a base whose table was resized to its tokenizer would be."""
-    train.make_demo_base(str(path), std=0.1, seed=0)
+    demo.make_demo_base(str(path), std=0.1, seed=0)
     if spare_rows:
         return str(path)
-    m = model.load_pretrained(str(path))
+    m = checkpoint.load_pretrained(str(path))
     rows = data.Processor.from_pretrained(path, num_latents=0).vocab_size
     m.model.embed_tokens.weight = torch.nn.Parameter(m.model.embed_tokens.weight[:rows].clone())
     m.lm_head.weight = m.model.embed_tokens.weight
     m.cfg.text.vocab_size = rows
     os.remove(os.path.join(path, "model.safetensors"))
-    model.save_pretrained(m, str(path))
+    checkpoint.save_pretrained(m, str(path))
     return str(path)
 
 
@@ -57,7 +59,7 @@ def runs(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)           # tiny matmuls: more threads only wait on each other
     root = tmp_path_factory.mktemp("export")
-    splits = data.make_synthetic(str(root / "data"), n_train=6, n_val=2, n_test=3, seed=3)
+    splits = demo.make_synthetic(str(root / "data"), n_train=6, n_val=2, n_test=3, seed=3)
     spare, tight = make_base(root / "base"), make_base(root / "base-tight", spare_rows=False)
     out = {}
     for name, base, mode, k in (("lora", spare, "lora", K), ("full", spare, "full", K),
@@ -200,9 +202,9 @@ def test_evaluate_scores_the_export_as_the_checkpoint(runs, tmp_path):
 
 def test_load_pretrained_reads_the_export(runs):
     ckpt, out = runs[0]["grown"]
-    m, _ = model.load_livr(ckpt, merge=True)
-    plain = model.load_pretrained(out)                      # the hub route: no latents of its own
-    back, meta = model.load_livr(out)                       # the LIVR route: K from config.json
+    m, _ = checkpoint.load_livr(ckpt, merge=True)
+    plain = checkpoint.load_pretrained(out)                      # the hub route: no latents of its own
+    back, meta = checkpoint.load_livr(out)                       # the LIVR route: K from config.json
     first = m.latent_token_id
     assert plain.num_latents == 0 and back.num_latents == K and back.latent_token_id == first
     assert meta["num_latents"] == K
@@ -225,11 +227,11 @@ def test_grown_table_when_the_base_has_no_spare_rows(runs):
     first = config["livr"]["latent_token_id"]
     assert first == base_rows                                # the latents start past the table
     assert config["vocab_size"] == base_rows + K
-    base_m, m = model.load_pretrained(base), model.load_pretrained(out)
+    base_m, m = checkpoint.load_pretrained(base), checkpoint.load_pretrained(out)
     table = m.model.embed_tokens.weight
     assert table.shape[0] == base_rows + K
     assert torch.equal(table[:base_rows], base_m.model.embed_tokens.weight)
-    livr, _ = model.load_livr(ckpt)
+    livr, _ = checkpoint.load_livr(ckpt)
     assert torch.equal(table[first:], livr.latent_embeds)
     # the spare-rows run keeps the base's table size
     lora_config = json.load(open(os.path.join(runs[0]["lora"][1], "config.json")))
@@ -282,7 +284,7 @@ def test_reexport_is_atomic(runs, tmp_path, monkeypatch, swap):
     the old one aside first (elsewhere), where a failed second rename puts the old one back."""
     import safetensors.torch
     if swap == "two renames":
-        monkeypatch.setattr(export.ctypes, "CDLL", lambda *a, **k: (_ for _ in ()).throw(OSError("no libc")))
+        monkeypatch.setattr(checkpoint.ctypes, "CDLL", lambda *a, **k: (_ for _ in ()).throw(OSError("no libc")))
     ckpt = runs[0]["lora"][0]
     out = str(tmp_path / "hub")
     export.export(ckpt, out)                                         # one file: model.safetensors
@@ -309,14 +311,14 @@ def test_reexport_is_atomic(runs, tmp_path, monkeypatch, swap):
     assert digest(out) == before and os.listdir(tmp_path) == ["hub"]
 
     if swap == "two renames":       # the old one moved aside, then the new one fails to move in
-        rename = os.rename
+        replace = os.replace
 
         def fails_into_out(src, dst):
             if dst == out and ".tmp-" in src and not src.endswith(".old"):
                 raise OSError("interrupted")
-            return rename(src, dst)
+            return replace(src, dst)
         with monkeypatch.context() as mp:
-            mp.setattr(os, "rename", fails_into_out)
+            mp.setattr(os, "replace", fails_into_out)
             with pytest.raises(OSError, match="interrupted"):
                 export.export(ckpt, out, max_shard_bytes=400_000)
         assert digest(out) == before and os.listdir(tmp_path) == ["hub"]

@@ -12,11 +12,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import batching
+import checkpoint
 import data
 import evaluate
 import masks
 import model
 import train
+from demo import make_demo_base, make_synthetic
 from masks import ANSWER, IMAGE, LATENT, SYSTEM, TEXT
 
 K = 4
@@ -26,8 +29,8 @@ K = 4
 def demo(tmp_path_factory):
     """A tiny random base checkpoint with its tokenizer, and a small synthetic data set."""
     root = tmp_path_factory.mktemp("forks")
-    base = train.make_demo_base(str(root / "base"))
-    splits = data.make_synthetic(str(root / "data"), n_train=4, n_val=2, n_test=2, seed=5,
+    base = make_demo_base(str(root / "base"))
+    splits = make_synthetic(str(root / "data"), n_train=4, n_val=2, n_test=2, seed=5,
                                  tasks=("counting",))
     return dict(root=root, base=base, train=str(splits["train"]), val=str(splits["val"]),
                 test=str(splits["test"]))
@@ -45,7 +48,7 @@ def two_image_sample():
 
 def loss_of(m, enc, mask_mode):
     """train.compute_loss on one encoded sample, through the prepared (per-sample block) path."""
-    batch = model.prepare_batch(data.collate([enc], 0), m.cfg)
+    batch = batching.prepare_batch(batching.collate([enc], 0), m.cfg)
     ce, n = train.compute_loss(m, batch, mask_mode)
     return ce / n
 
@@ -54,7 +57,7 @@ def loss_of(m, enc, mask_mode):
 
 def test_forward_returns_hidden_states_image_features_and_kinds(demo):
     proc = data.Processor.from_pretrained(demo["base"], num_latents=K)
-    m = model.load_pretrained(demo["base"], num_latents=K, latent_token_id=proc.latent_token_id)
+    m = checkpoint.load_pretrained(demo["base"], num_latents=K, latent_token_id=proc.latent_token_id)
     enc = proc.encode(two_image_sample())
     ids, pv, thw = enc["input_ids"][None], enc["pixel_values"], enc["image_grid_thw"]
     mask = masks.build_mask(enc["kinds"], "bottleneck")[None]
@@ -68,16 +71,16 @@ def test_forward_returns_hidden_states_image_features_and_kinds(demo):
     assert torch.allclose(out.image_features, feats, atol=1e-6)
     data_kinds = torch.where((enc["kinds"] == SYSTEM) | (enc["kinds"] == ANSWER), TEXT, enc["kinds"])
     assert torch.equal(out.kinds[0], data_kinds)
-    # generate's mask_mode, and its old name `stage`
+    # generate's mask_mode, by name or by stage number
     prompt = proc.encode(two_image_sample(), with_answer=False)
     gen = lambda **kw: m.generate(prompt["input_ids"][None], prompt["pixel_values"], prompt["image_grid_thw"],
                                   max_new_tokens=3, kinds=prompt["kinds"][None], **kw)
-    assert torch.equal(gen(mask_mode="bottleneck"), gen(stage=1))
+    assert torch.equal(gen(mask_mode="bottleneck"), gen(mask_mode=1))
 
 
 # --- fork (a): the latents do not see the system prompt --------------------------------------
 
-def latents_skip_system(kinds):
+def latents_skip_system(kinds, ctx=None):
     """Fork (a): the bottleneck, and the latents lose the system turn."""
     return masks.bottleneck(kinds) & ~((kinds == LATENT)[..., :, None] & (kinds == SYSTEM)[..., None, :])
 
@@ -99,7 +102,7 @@ def test_fork_a_latents_do_not_see_the_system_prompt(demo, monkeypatch):
     # every CLI picks the new mode up, and a training step runs under it
     assert train.parse_args(["--stage", "1", "--mask", "latents_skip_system"]).mask == "latents_skip_system"
     assert evaluate.parse_args(["--mask", "latents_skip_system"]).mask == "latents_skip_system"
-    m = model.load_pretrained(demo["base"], num_latents=K, latent_token_id=proc.latent_token_id)
+    m = checkpoint.load_pretrained(demo["base"], num_latents=K, latent_token_id=proc.latent_token_id)
     assert torch.isfinite(loss_of(m, proc.encode(two_image_sample()), "latents_skip_system"))
 
 
@@ -113,7 +116,7 @@ def latents_after_each_image(user_parts, latents, is_image=lambda part: isinstan
     return out
 
 
-def own_image_only(kinds):
+def own_image_only(kinds, ctx=None):
     """Fork (b)'s rule: the bottleneck, and each latent group loses every image but its own."""
     which = masks.image_index(kinds)                          # the latents after image g are g
     other = which[..., :, None] != which[..., None, :]
@@ -141,7 +144,7 @@ def test_fork_b_each_latent_group_sees_only_its_image(demo, monkeypatch):
     answer = kinds == ANSWER
     assert not mask[answer][:, kinds == IMAGE].any()          # the answer still only via latents
     # the model takes the repeated latent ids, packed or not, and the loss has gradients
-    m = model.load_pretrained(demo["base"], num_latents=K, latent_token_id=proc.latent_token_id)
+    m = checkpoint.load_pretrained(demo["base"], num_latents=K, latent_token_id=proc.latent_token_id)
     m.latent_embeds.requires_grad_(True)
     loss = loss_of(m, enc, "own_image_only")
     loss.backward()
@@ -165,7 +168,7 @@ def aux_loss(m, out):
     return F.mse_loss(m.aux_head(latent).mean(0).float(), out.image_features.mean(0).float())
 
 
-def compute_loss_with_aux(m, batch, mask_mode):
+def compute_loss_with_aux(m, batch, mask_mode, run=None):
     """Fork (c)'s train.compute_loss: the answer's cross-entropy, plus the auxiliary loss in
     stage 1 (scaled by the answer-token count: the loop divides the sum by it)."""
     out, targets, n = train.forward_batch(m, batch, mask_mode, return_hidden=True)
@@ -178,14 +181,14 @@ def compute_loss_with_aux(m, batch, mask_mode):
 def test_fork_c_aux_loss_has_gradients(demo, monkeypatch):
     monkeypatch.setattr(model, "EXTEND", [add_aux_head])
     proc = data.Processor.from_pretrained(demo["base"], num_latents=K)
-    m = model.load_pretrained(demo["base"], num_latents=K, latent_token_id=proc.latent_token_id)
+    m = checkpoint.load_pretrained(demo["base"], num_latents=K, latent_token_id=proc.latent_token_id)
     # build_model's rule trains the new head (it is not in the base checkpoint)
-    base = model.base_parameter_names(m)
+    base = checkpoint.base_parameter_names(m)
     assert "aux_head.weight" not in base
     assert masks.trainable("aux_head.weight", "lora", from_base=False)
     for name, p in m.named_parameters():
         p.requires_grad = masks.trainable(name, "lora", from_base=name in base)
-    batch = model.prepare_batch(data.collate([proc.encode(two_image_sample())], 0), m.cfg)
+    batch = batching.prepare_batch(batching.collate([proc.encode(two_image_sample())], 0), m.cfg)
     loss, n = compute_loss_with_aux(m, batch, "bottleneck")
     ce, _ = train.compute_loss(m, batch, "bottleneck")
     assert float(loss.detach()) > float(ce.detach())
@@ -202,12 +205,12 @@ def test_fork_c_checkpoint_loads_in_stage_two_and_evaluate(demo, tmp_path, monke
               "--log-every", "100"]
     train.main(["--stage", "1", *common])
     stage1 = tmp_path / "stage1" / "last"
-    m1, meta = model.load_livr(str(stage1))
+    m1, meta = checkpoint.load_livr(str(stage1))
     assert "aux_head.weight" in meta["tensors"]
-    head = model.load_pretrained(demo["base"], num_latents=K, latent_token_id=m1.latent_token_id).aux_head
+    head = checkpoint.load_pretrained(demo["base"], num_latents=K, latent_token_id=m1.latent_token_id).aux_head
     assert not torch.equal(m1.aux_head.weight, head.weight)  # trained (and saved) in stage 1
     train.main(["--stage", "2", "--init", str(stage1), *common])
-    m2, meta2 = model.load_livr(str(tmp_path / "stage2" / "last"))
+    m2, meta2 = checkpoint.load_livr(str(tmp_path / "stage2" / "last"))
     assert meta2["stage"] == 2 and torch.equal(m2.aux_head.weight, m1.aux_head.weight)  # no aux grad in stage 2
     capsys.readouterr()
     evaluate.main(["--checkpoint", str(stage1), "--data", demo["test"], "--out", str(tmp_path / "eval"),
@@ -215,5 +218,76 @@ def test_fork_c_checkpoint_loads_in_stage_two_and_evaluate(demo, tmp_path, monke
     assert "accuracy" in capsys.readouterr().out
     # without the fork's module the checkpoint is refused, naming the tensor and the hook
     monkeypatch.setattr(model, "EXTEND", [])
-    with pytest.raises(model.CheckpointError, match="aux_head.weight.*model.EXTEND"):
-        model.load_livr(str(stage1))
+    with pytest.raises(checkpoint.CheckpointError, match="aux_head.weight.*model.EXTEND"):
+        checkpoint.load_livr(str(stage1))
+
+
+# --- the seams: a fork that needs run context, with no module global and no second table ----------
+
+def active_latents(kinds, ctx):
+    """A curriculum rule: the bottleneck, and only the first ceil(K * progress) latents of each
+    group see the image (all of them outside training, where progress is None)."""
+    rule = masks.bottleneck(kinds, ctx)
+    if ctx.progress is None:
+        return rule
+    active = ctx.latent_index < max(1, int(np.ceil(ctx.num_latents * ctx.progress)))
+    return rule & ~(((kinds == LATENT) & ~active)[..., :, None] & (kinds == IMAGE)[..., None, :])
+
+
+def aux_weighted_loss(m, batch, mask_mode, run=None):
+    """The answer's loss plus, in stage 1, --aux-weight x the latents' mean squared norm: reads
+    the flag, the stage and the step from the Run, not from a module global."""
+    out, targets, n = train.forward_batch(m, batch, mask_mode, run, return_hidden=True)
+    ce = F.cross_entropy(out.logits.float(), targets, reduction="sum")
+    if run is None or run.stage != 1 or not run.args.aux_weight:
+        return ce, n
+    latent = out.hidden[out.kinds == LATENT]
+    return ce + run.args.aux_weight * n * latent.float().pow(2).mean(), n
+
+
+def test_a_fork_uses_every_seam_without_globals(demo, tmp_path, monkeypatch, capsys):
+    # a new rule: one entry of masks.RULES; a new flag: one entry of train.FLAGS (both tables are
+    # the source a fork edits; the test adds the entries as the edit would)
+    monkeypatch.setitem(masks.RULES, "active_latents", active_latents)
+    monkeypatch.setattr(train, "FLAGS", train.FLAGS + [
+        train.flag("--aux-weight", low=0, resume="fixed", type=float, default=0.0)])
+    # the rule reads K, each latent's index in its group, and the progress
+    proc = data.Processor.from_pretrained(demo["base"], num_latents=K)
+    kinds = proc.encode(two_image_sample())["kinds"]
+    lat, image_ = kinds == LATENT, kinds == IMAGE
+    seen = lambda progress: masks.build_mask(kinds, "active_latents", num_latents=K,
+                                             progress=progress)[lat][:, image_].any(-1).tolist()
+    assert seen(0.1) == [True, False, False, False] and seen(0.6) == [True, True, True, False]
+    assert seen(None) == [True] * K
+    # the flag is declared once: parsed, range-checked, and part of what --resume compares
+    common = ["--model", demo["base"], "--data", demo["train"], "--run-dir", str(tmp_path),
+              "--latents", str(K), "--global-batch", "2", "--epochs", "2", "--log-every", "100",
+              "--mask", "active_latents", "--lr", "1e-12"]
+    with pytest.raises(SystemExit):
+        train.main(["--stage", "1", *common, "--aux-weight", "-1"])
+    assert "--aux-weight -1.0: must be at least 0" in capsys.readouterr().err
+    # the hooks: the loss gets the Run, the latent rows start from the first batch, a callback
+    # sees every step -- all passed in, none set on a module
+    calls, steps = [], []
+
+    def loss(m, batch, mask_mode, run=None):
+        calls.append((run.stage, run.step, run.args.aux_weight))
+        return aux_weighted_loss(m, batch, mask_mode, run)
+
+    def init_latents(m, batch, run):
+        with torch.no_grad():     # every latent row: the mean embedding of the batch's text tokens
+            text = m.model.embed_tokens(batch["input_ids"][batch["kinds"] == TEXT]).mean(0)
+            m.latent_embeds.copy_(text.expand_as(m.latent_embeds))
+        steps.append(("init", run.step, len(batch["input_ids"][0])))
+
+    hooks = train.Hooks(loss=loss, init_latents=init_latents,
+                        on_step=[lambda run, rec: steps.append((rec["step"], round(run.progress, 2)))])
+    train.main(["--stage", "1", *common, "--aux-weight", "0.5", "--max-steps", "2"], hooks=hooks)
+    assert steps[0][:2] == ("init", 0) and steps[1:] == [(1, 0.25), (2, 0.5)]
+    assert calls == [(1, 0, 0.5), (1, 1, 0.5)]                  # one micro-batch a step
+    m1, _ = checkpoint.load_livr(str(tmp_path / "stage1" / "last"))
+    assert torch.allclose(m1.latent_embeds[0], m1.latent_embeds[-1])     # the hook's rows, kept
+    # --resume refuses another --aux-weight, naming it: no second table listed it
+    with pytest.raises(SystemExit):
+        train.main(["--stage", "1", *common, "--aux-weight", "0.7", "--resume"], hooks=hooks)
+    assert "--aux-weight 0.5" in capsys.readouterr().err

@@ -84,7 +84,8 @@ def test_rules_are_registered_once_and_generated_tokens_follow_the_rule():
     """Every mode is a function of RULES; SYSTEM is TEXT to every rule; a generated token is
     an ANSWER token to the rule (under the bottleneck and answer_only: blind to the image)."""
     g = torch.Generator().manual_seed(3)
-    assert set(masks.MODES) == {1, 2, *masks.RULES}
+    assert all(callable(rule) for rule in masks.RULES.values())
+    assert {masks.mode_name(m) for m in (1, 2, *masks.RULES)} == set(masks.RULES)
     for _ in range(10):
         kinds, segments = random_sequence(g, 24, 2)
         as_system = torch.where(kinds == TEXT, masks.SYSTEM, kinds)

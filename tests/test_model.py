@@ -7,6 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import batching
+import checkpoint
 import model
 import tiny
 
@@ -29,7 +31,7 @@ GRIDS = [(1, 6, 10), (1, 4, 4), (1, 2, 14)]
 ])
 def test_logits_match_transformers(tmp_path, opts):
     path = tiny.write_checkpoint(str(tmp_path), seed=1, **opts)
-    ref, ours = tiny.oracle(path), model.load_pretrained(path)
+    ref, ours = tiny.oracle(path), checkpoint.load_pretrained(path)
     ids, pv, thw = tiny.inputs(GRIDS, [5, 7, 3, 9])
     want = tiny.hf_logits(ref, ids, pv, thw)
     with torch.no_grad():
@@ -40,7 +42,7 @@ def test_logits_match_transformers(tmp_path, opts):
 
 def test_one_image_and_text_only(tmp_path):
     path = tiny.write_checkpoint(str(tmp_path), seed=2)
-    ref, ours = tiny.oracle(path), model.load_pretrained(path)
+    ref, ours = tiny.oracle(path), checkpoint.load_pretrained(path)
     ids, pv, thw = tiny.inputs([(1, 8, 8)], [4, 6])
     with torch.no_grad():
         assert rel_err(ours(ids, pv, thw), tiny.hf_logits(ref, ids, pv, thw)) <= 1e-4
@@ -51,7 +53,7 @@ def test_one_image_and_text_only(tmp_path):
 def test_batch_with_padding(tmp_path):
     """Batch of 2 right-padded samples with different images: each row equals transformers."""
     path = tiny.write_checkpoint(str(tmp_path), seed=3)
-    ref, ours = tiny.oracle(path), model.load_pretrained(path)
+    ref, ours = tiny.oracle(path), checkpoint.load_pretrained(path)
     a = tiny.inputs([(1, 4, 6)], [3, 8], seed=4)
     b = tiny.inputs([(1, 2, 2), (1, 6, 4)], [2, 3, 4], seed=5)
     L = max(a[0].shape[1], b[0].shape[1])
@@ -70,7 +72,7 @@ def test_batch_with_padding(tmp_path):
 
 def test_vision_features_match(tmp_path):
     path = tiny.write_checkpoint(str(tmp_path), seed=6)
-    ref, ours = tiny.oracle(path), model.load_pretrained(path)
+    ref, ours = tiny.oracle(path), checkpoint.load_pretrained(path)
     _, pv, thw = tiny.inputs(GRIDS, [1, 1, 1, 1])
     with torch.no_grad():
         want = torch.cat(ref.model.get_image_features(pv, thw, return_dict=True).pooler_output)
@@ -80,7 +82,7 @@ def test_vision_features_match(tmp_path):
 
 def test_rope_index_matches_transformers(tmp_path):
     path = tiny.write_checkpoint(str(tmp_path), seed=0)
-    ref, ours = tiny.oracle(path), model.load_pretrained(path)
+    ref, ours = tiny.oracle(path), checkpoint.load_pretrained(path)
     ids, pv, thw = tiny.inputs(GRIDS, [5, 7, 3, 9])
     want, _ = ref.model.get_rope_index(ids, (ids == tiny.IDS["image_token_id"]).int(), thw)
     assert torch.equal(ours.rope_index(ids, thw), want)
@@ -88,7 +90,7 @@ def test_rope_index_matches_transformers(tmp_path):
 
 def test_generation_with_cache_equals_full_forward(tmp_path):
     path = tiny.write_checkpoint(str(tmp_path), seed=7)
-    ours = model.load_pretrained(path)
+    ours = checkpoint.load_pretrained(path)
     ref = tiny.oracle(path)
     a = tiny.inputs([(1, 4, 6)], [3, 8], seed=8)
     b = tiny.inputs([(1, 2, 2), (1, 4, 4)], [2, 3, 4], seed=9)
@@ -122,7 +124,7 @@ def test_generation_with_cache_equals_full_forward(tmp_path):
 def test_cached_decode_logits_equal_full_forward(tmp_path):
     """Prefill + decode through the KV cache gives the same logits as one full forward."""
     path = tiny.write_checkpoint(str(tmp_path), seed=10)
-    ours = model.load_pretrained(path)
+    ours = checkpoint.load_pretrained(path)
     ids, pv, thw = tiny.inputs([(1, 4, 4)], [3, 10], seed=11)
     step, full = tiny.cached_and_full_logits(ours, ids, pv, thw)
     assert rel_err(step, full) <= 1e-4
@@ -130,10 +132,10 @@ def test_cached_decode_logits_equal_full_forward(tmp_path):
 
 def test_bf16_close_to_fp32(tmp_path):
     path = tiny.write_checkpoint(str(tmp_path), seed=12, dtype=torch.bfloat16)
-    m16 = model.load_pretrained(path, dtype=None)
+    m16 = checkpoint.load_pretrained(path, dtype=None)
     assert m16.dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
-    m32 = model.load_pretrained(path)
+    m32 = checkpoint.load_pretrained(path)
     ids, pv, thw = tiny.inputs([(1, 4, 6)], [3, 5], seed=13)
     with torch.no_grad():
         a, b = m16(ids, pv, thw).float(), m32(ids, pv, thw)
@@ -154,47 +156,47 @@ def test_loader_missing_key(tmp_path):
     path = tiny.write_checkpoint(str(tmp_path))
     _corrupt(path, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(ValueError, match=r"missing tensor 'model.layers.1.mlp.up_proj.weight'"):
-        model.load_pretrained(path)
+        checkpoint.load_pretrained(path)
 
 
 def test_loader_extra_key(tmp_path):
     path = tiny.write_checkpoint(str(tmp_path))
     _corrupt(path, lambda sd: sd.update({"model.layers.9.extra.weight": torch.zeros(2)}))
     with pytest.raises(ValueError, match=r"unexpected tensor 'model.layers.9.extra.weight' in .*model.safetensors"):
-        model.load_pretrained(path)
+        checkpoint.load_pretrained(path)
 
 
 def test_loader_wrong_shape(tmp_path):
     path = tiny.write_checkpoint(str(tmp_path))
     _corrupt(path, lambda sd: sd.update({"visual.merger.mlp.0.bias": torch.zeros(7)}))
     with pytest.raises(ValueError, match=r"'visual.merger.mlp.0.bias' in .*has shape \(7,\)"):
-        model.load_pretrained(path)
+        checkpoint.load_pretrained(path)
 
 
 def test_loader_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         (tmp_path / "config.json").write_text(json.dumps(tiny.config_dict()))
-        model.load_pretrained(str(tmp_path))
+        checkpoint.load_pretrained(str(tmp_path))
 
 
 def test_save_pretrained_round_trip(tmp_path):
     """Our writer produces files that both we and transformers load to the same logits."""
     src = tiny.write_checkpoint(str(tmp_path / "a"), seed=14, heads=4, kv_heads=2)
-    m = model.load_pretrained(src)
-    model.save_pretrained(m, str(tmp_path / "b"), max_shard_bytes=200_000)
+    m = checkpoint.load_pretrained(src)
+    checkpoint.save_pretrained(m, str(tmp_path / "b"), max_shard_bytes=200_000)
     ids, pv, thw = tiny.inputs([(1, 4, 6)], [3, 5], seed=15)
     with torch.no_grad():
         want = m(ids, pv, thw)
-        got = model.load_pretrained(str(tmp_path / "b"))(ids, pv, thw)
+        got = checkpoint.load_pretrained(str(tmp_path / "b"))(ids, pv, thw)
     assert torch.equal(got, want)
     assert rel_err(tiny.hf_logits(tiny.oracle(str(tmp_path / "b")), ids, pv, thw), want) <= 1e-4
 
 
 def test_config_forms_agree():
-    flat = model.Config.from_dict(tiny.config_dict(form="flat"))
-    nested = model.Config.from_dict(tiny.config_dict(form="nested"))
+    flat = checkpoint.config_from_dict(tiny.config_dict(form="flat"))
+    nested = checkpoint.config_from_dict(tiny.config_dict(form="nested"))
     assert flat == nested
-    assert model.Config.from_dict(flat.to_dict()) == flat
+    assert checkpoint.config_from_dict(checkpoint.config_to_dict(flat)) == flat
 
 
 # --- the prepared batch and the per-sample attention blocks (training's fast path) -----------
@@ -219,20 +221,19 @@ def sample(grids, text_lens, n_answer, seed):
 
 def packed_row():
     """One packed row of four samples (1-2 images each, one text-only) and padding at its end."""
-    import data
     enc = [sample([(1, 6, 10), (1, 4, 4)], [3, 5, 2], 3, seed=20),
            sample([(1, 2, 14)], [4, 6], 2, seed=21),
            sample([], [9], 4, seed=22),
            sample([(1, 4, 6)], [2, 3], 1, seed=23)]
     L = sum(len(e["input_ids"]) for e in enc) + 7
-    (batch,) = data.pack(enc, L)
+    (batch,) = batching.pack(enc, L)
     return batch
 
 
 @pytest.fixture(scope="module")
 def latent_model(tmp_path_factory):
     path = tiny.write_checkpoint(str(tmp_path_factory.mktemp("fast")), seed=16)
-    m = model.load_pretrained(path, num_latents=4, latent_token_id=LATENT)
+    m = checkpoint.load_pretrained(path, num_latents=4, latent_token_id=LATENT)
     m.requires_grad_(True)
     return m
 
@@ -240,7 +241,7 @@ def latent_model(tmp_path_factory):
 def test_prepare_batch(latent_model):
     import masks
     cfg, batch = latent_model.cfg, packed_row()
-    p = model.prepare_batch(batch, cfg)
+    p = batching.prepare_batch(batch, cfg)
     assert torch.equal(p["position_ids"], latent_model.rope_index(batch["input_ids"], batch["image_grid_thw"],
                                                                   batch["segment_ids"]))
     labels = batch["labels"][0]
@@ -259,7 +260,7 @@ def test_prepare_batch(latent_model):
     bad = {**batch, "input_ids": batch["input_ids"].clone()}
     bad["input_ids"][0, (bad["input_ids"][0] == tiny.IDS["image_token_id"]).nonzero()[0]] = 5
     with pytest.raises(ValueError, match="<|image_pad|> tokens but"):
-        model.prepare_batch(bad, cfg)
+        batching.prepare_batch(bad, cfg)
 
 
 @pytest.mark.parametrize("mode", ["bottleneck", "causal"])
@@ -269,7 +270,7 @@ def test_block_attention_equals_dense_mask(latent_model, mode):
     import masks
     import train
     m, batch = latent_model, packed_row()
-    prepared = model.prepare_batch(batch, m.cfg)
+    prepared = batching.prepare_batch(batch, m.cfg)
     real = batch["segment_ids"][0] > 0
     with torch.no_grad():
         dense = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
@@ -304,13 +305,13 @@ def test_prepared_step_never_reads_the_device(mode):
     to the host (.item(), bool(), nonzero, boolean indexing, .cpu()) raises: the training step
     queues GPU work without waiting on it. The unprepared path does read back, and fails here."""
     import train
-    cfg = model.Config.from_dict(tiny.config_dict())
+    cfg = checkpoint.config_from_dict(tiny.config_dict())
     with torch.device("meta"):
         m = model.Qwen25VL(cfg, num_latents=4, latent_token_id=LATENT)
     model.add_lora(m, 4, 8, 0.05)
     m.to("meta").train()
     on_meta = lambda b: {k: v.to("meta") if hasattr(v, "to") else v for k, v in b.items()}
-    loss, n = train.compute_loss(m, on_meta(model.prepare_batch(packed_row(), cfg)), mode)
+    loss, n = train.compute_loss(m, on_meta(batching.prepare_batch(packed_row(), cfg)), mode)
     (loss / n).backward()
     assert n == 10 and m.latent_embeds.grad is not None
     with pytest.raises(NotImplementedError):

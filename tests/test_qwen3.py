@@ -9,6 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import batching
+import checkpoint
+import demo
 import masks
 import model
 import tiny
@@ -41,7 +44,7 @@ GRIDS = [(1, 6, 10), (1, 4, 4), (1, 2, 14)]
 ])
 def test_logits_match_transformers(tmp_path, opts):
     path = write(tmp_path, seed=1, **opts)
-    ref, ours = tiny.oracle(path), model.load_pretrained(path)
+    ref, ours = tiny.oracle(path), checkpoint.load_pretrained(path)
     assert ours.cfg.qwen3 and not ours.cfg.vision.window_size
     ids, pv, thw = inputs(GRIDS, [5, 7, 3, 9])
     want = tiny.hf_logits(ref, ids, pv, thw)
@@ -53,7 +56,7 @@ def test_logits_match_transformers(tmp_path, opts):
 
 def test_text_only_and_one_image(tmp_path):
     path = write(tmp_path, seed=2)
-    ref, ours = tiny.oracle(path), model.load_pretrained(path)
+    ref, ours = tiny.oracle(path), checkpoint.load_pretrained(path)
     ids, pv, thw = inputs([(1, 8, 8)], [4, 6])
     with torch.no_grad():
         assert rel_err(ours(ids, pv, thw), tiny.hf_logits(ref, ids, pv, thw)) <= 1e-4
@@ -76,7 +79,7 @@ def padded(samples, left=False):
 def test_batch_with_padding(tmp_path, left):
     """A right- or left-padded batch of 3 samples with 1, 2 and 0 images: each row equals transformers."""
     path = write(tmp_path, seed=3, tied=False)
-    ref, ours = tiny.oracle(path), model.load_pretrained(path)
+    ref, ours = tiny.oracle(path), checkpoint.load_pretrained(path)
     ids, am, pv, thw = padded([inputs([(1, 4, 6)], [3, 8], seed=4),
                                inputs([(1, 2, 2), (1, 6, 4)], [2, 3, 4], seed=5),
                                inputs([], [11], seed=6)], left=left)
@@ -89,7 +92,7 @@ def test_batch_with_padding(tmp_path, left):
 
 def test_vision_and_deepstack_features_match(tmp_path):
     path = write(tmp_path, seed=6, deepstack=(0, 2))
-    ref, ours = tiny.oracle(path), model.load_pretrained(path)
+    ref, ours = tiny.oracle(path), checkpoint.load_pretrained(path)
     _, pv, thw = inputs(GRIDS + [(2, 4, 2)], [1, 1, 1, 1, 1])     # a 2-frame entry too
     with torch.no_grad():
         out = ref.model.get_image_features(pv, thw, return_dict=True)
@@ -103,7 +106,7 @@ def test_vision_and_deepstack_features_match(tmp_path):
 
 def test_rope_index_matches_transformers(tmp_path):
     path = write(tmp_path, seed=0)
-    ref, ours = tiny.oracle(path), model.load_pretrained(path)
+    ref, ours = tiny.oracle(path), checkpoint.load_pretrained(path)
     ids, am, pv, thw = padded([inputs(GRIDS, [5, 7, 3, 9]), inputs([(1, 2, 4)], [2, 3], seed=1)])
     want, _ = ref.model.get_rope_index(ids, (ids == tiny.IDS["image_token_id"]).int(), thw,
                                        attention_mask=am)
@@ -112,7 +115,7 @@ def test_rope_index_matches_transformers(tmp_path):
 
 def test_generate_equals_transformers(tmp_path):
     path = write(tmp_path, seed=7)
-    ours, ref = model.load_pretrained(path), tiny.oracle(path)
+    ours, ref = checkpoint.load_pretrained(path), tiny.oracle(path)
     ids, am, pv, thw = padded([inputs([(1, 4, 6)], [3, 8], seed=8),
                                inputs([(1, 2, 2), (1, 4, 4)], [2, 3, 4], seed=9)], left=True)
     new = ours.generate(ids, pv, thw, attention_mask=am, max_new_tokens=6, eos_token_id=-1)
@@ -126,7 +129,7 @@ def test_generate_equals_transformers(tmp_path):
 
 def test_cached_decode_logits_equal_full_forward(tmp_path):
     path = write(tmp_path, seed=10)
-    ours = model.load_pretrained(path)
+    ours = checkpoint.load_pretrained(path)
     ids, pv, thw = inputs([(1, 4, 4)], [3, 10], seed=11)
     step, full = tiny.cached_and_full_logits(ours, ids, pv, thw)
     assert rel_err(step, full) <= 1e-4
@@ -143,48 +146,48 @@ def test_loader_is_strict(tmp_path):
     path = write(tmp_path / "a")
     _corrupt(path, lambda sd: sd.pop("model.visual.deepstack_merger_list.1.linear_fc2.bias"))
     with pytest.raises(ValueError, match=r"missing tensor 'model.visual.deepstack_merger_list.1.linear_fc2.bias'"):
-        model.load_pretrained(path)
+        checkpoint.load_pretrained(path)
     path = write(tmp_path / "b")
     _corrupt(path, lambda sd: sd.update({"model.visual.pos_embed.weight": torch.zeros(49, 48)}))
     with pytest.raises(ValueError, match=r"'model.visual.pos_embed.weight' in .*has shape \(49, 48\)"):
-        model.load_pretrained(path)
+        checkpoint.load_pretrained(path)
     path = write(tmp_path / "c")
     _corrupt(path, lambda sd: sd.update({"model.language_model.layers.0.self_attn.q_proj.bias": torch.zeros(96)}))
     with pytest.raises(ValueError, match=r"unexpected tensor 'model.language_model.layers.0.self_attn.q_proj.bias'"):
-        model.load_pretrained(path)
+        checkpoint.load_pretrained(path)
 
 
 def test_legacy_key_layout_loads_the_same(tmp_path):
     """`visual.*` / `model.*` keys (the older layout, which transformers 5 reads for Qwen2.5-VL
     only) load into the same model as the hub's `model.visual.*` / `model.language_model.*`."""
-    a = model.load_pretrained(write(tmp_path / "hub", seed=4))
-    b = model.load_pretrained(write(tmp_path / "legacy", seed=4, layout="legacy"))
+    a = checkpoint.load_pretrained(write(tmp_path / "hub", seed=4))
+    b = checkpoint.load_pretrained(write(tmp_path / "legacy", seed=4, layout="legacy"))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def test_unsupported_model_type(tmp_path):
     cfg = tiny.config_dict3()
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen3_vl_moe"}))
-    with pytest.raises(model.CheckpointError, match="qwen3_vl_moe"):
-        model.load_pretrained(str(tmp_path))
+    with pytest.raises(checkpoint.CheckpointError, match="qwen3_vl_moe"):
+        checkpoint.load_pretrained(str(tmp_path))
 
 
 def test_config_forms_agree():
-    hub = model.Config.from_dict(tiny.config_dict3(form="hub"))
-    t5 = model.Config.from_dict(tiny.config_dict3(form="t5"))
+    hub = checkpoint.config_from_dict(tiny.config_dict3(form="hub"))
+    t5 = checkpoint.config_from_dict(tiny.config_dict3(form="t5"))
     assert hub == t5 and hub.qwen3 and hub.text.head_dim == 24 and hub.vision.patch_size == 16
-    assert model.Config.from_dict(hub.to_dict()) == hub
+    assert checkpoint.config_from_dict(checkpoint.config_to_dict(hub)) == hub
 
 
 def test_config_defaults_are_transformers():
     """A key the file leaves out means what transformers' Qwen3VL*Config says it means."""
     from transformers import Qwen3VLConfig
-    assert model.Config.from_dict({"model_type": "qwen3_vl"}) == model.Config.from_dict(Qwen3VLConfig().to_dict())
+    assert checkpoint.config_from_dict({"model_type": "qwen3_vl"}) == checkpoint.config_from_dict(Qwen3VLConfig().to_dict())
 
 
 def test_bf16_close_to_fp32(tmp_path):
     path = write(tmp_path, seed=12, dtype=torch.bfloat16)
-    m16, m32 = model.load_pretrained(path, dtype=None), model.load_pretrained(path)
+    m16, m32 = checkpoint.load_pretrained(path, dtype=None), checkpoint.load_pretrained(path)
     assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
     ids, pv, thw = inputs([(1, 4, 6)], [3, 5], seed=13)
     with torch.no_grad():
@@ -196,12 +199,12 @@ def test_bf16_close_to_fp32(tmp_path):
 def test_save_pretrained_round_trip(tmp_path):
     """Our writer's files (transformers 5 names, nested config) load in both to the same logits."""
     src = write(tmp_path / "a", seed=14, tied=False)
-    m = model.load_pretrained(src)
-    model.save_pretrained(m, str(tmp_path / "b"), max_shard_bytes=200_000)
+    m = checkpoint.load_pretrained(src)
+    checkpoint.save_pretrained(m, str(tmp_path / "b"), max_shard_bytes=200_000)
     ids, pv, thw = inputs([(1, 4, 6)], [3, 5], seed=15)
     with torch.no_grad():
         want = m(ids, pv, thw)
-        got = model.load_pretrained(str(tmp_path / "b"))(ids, pv, thw)
+        got = checkpoint.load_pretrained(str(tmp_path / "b"))(ids, pv, thw)
     assert torch.equal(got, want)
     assert rel_err(tiny.hf_logits(tiny.oracle(str(tmp_path / "b")), ids, pv, thw), want) <= 1e-4
 
@@ -211,7 +214,7 @@ def test_preset_4b_shapes():
     t, v = cfg.text, cfg.vision
     assert cfg.qwen3 and (t.hidden_size, t.num_hidden_layers, t.head_dim, t.mrope_section) == (2560, 36, 128, [24, 20, 20])
     assert (v.depth, v.hidden_size, v.patch_size, v.deepstack_visual_indexes) == (24, 1024, 16, (5, 11, 17))
-    assert model.Config.from_dict(cfg.to_dict()) == cfg
+    assert checkpoint.config_from_dict(checkpoint.config_to_dict(cfg)) == cfg
 
 
 # --- the processor: Qwen3-VL's image settings and chat template ------------------------------
@@ -221,8 +224,7 @@ K = 4
 
 @pytest.fixture(scope="module")
 def ckpt3(tmp_path_factory):
-    import data
-    return data.build_tokenizer(tmp_path_factory.mktemp("tok3"), family="qwen3")
+    return demo.build_tokenizer(tmp_path_factory.mktemp("tok3"), family="qwen3")
 
 
 @pytest.fixture(scope="module")
@@ -311,10 +313,9 @@ def test_token_ids_match_qwen3_chat_template(proc3, hf3, with_answer, n_images):
 @pytest.fixture(scope="module")
 def base3(tmp_path_factory):
     """A tiny random Qwen3-VL base with its tokenizer, and a small synthetic data set."""
-    import data
     root = tmp_path_factory.mktemp("base3")
     base = tiny.write_qwen3_base(str(root / "base"), std=0.1)
-    splits = data.make_synthetic(str(root / "data"), n_train=6, n_val=2, n_test=4, seed=3)
+    splits = demo.make_synthetic(str(root / "data"), n_train=6, n_val=2, n_test=4, seed=3)
     return dict(base=base, train=str(splits["train"]), val=str(splits["val"]), test=str(splits["test"]))
 
 
@@ -325,7 +326,7 @@ def test_bottleneck_cuts_the_path_with_deepstack(base3):
     record = data.load_dataset(base3["train"])[0]
     for k in (0, 4):
         proc = data.Processor.from_pretrained(base3["base"], num_latents=k)
-        m = model.load_pretrained(base3["base"], num_latents=k, latent_token_id=proc.latent_token_id)
+        m = checkpoint.load_pretrained(base3["base"], num_latents=k, latent_token_id=proc.latent_token_id)
         assert m.cfg.qwen3 and m.cfg.vision.deepstack_visual_indexes
         enc = proc.encode(record)
         out = []
@@ -353,14 +354,14 @@ def test_prepared_packed_batch_equals_dense_mask(base3, mode):
     import data
     import train
     proc = data.Processor.from_pretrained(base3["base"], num_latents=4)
-    m = model.load_pretrained(base3["base"], num_latents=4, latent_token_id=proc.latent_token_id)
+    m = checkpoint.load_pretrained(base3["base"], num_latents=4, latent_token_id=proc.latent_token_id)
     model.add_lora(m, rank=4, alpha=8, dropout=0.0)
     for name, p in m.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
     encoded = [proc.encode(r) for r in data.load_dataset(base3["train"])[:4]]
-    (batch,) = data.pack(encoded, sum(len(e["input_ids"]) for e in encoded) + 5)
-    prepared = model.prepare_batch(batch, m.cfg)
+    (batch,) = batching.pack(encoded, sum(len(e["input_ids"]) for e in encoded) + 5)
+    prepared = batching.prepare_batch(batch, m.cfg)
     assert prepared["vision_layout"].pos_index is not None
     real = batch["segment_ids"][0] > 0
     with torch.no_grad():
@@ -398,7 +399,7 @@ def test_train_both_stages_and_evaluate(base3, tmp_path):
     train.main(common + ["--stage", "1"])
     os.replace(tmp_path / "stage1" / "last", tmp_path / "stage1" / "final")
     train.main(common + ["--stage", "2"])
-    m, meta = model.load_livr(str(tmp_path / "stage2" / "last"))
+    m, meta = checkpoint.load_livr(str(tmp_path / "stage2" / "last"))
     assert m.cfg.qwen3 and meta["stage"] == 2 and m.num_latents == 4
     out = tmp_path / "eval"
     evaluate.main(["--checkpoint", f"livr={tmp_path / 'stage2' / 'last'}", "--checkpoint",
@@ -418,7 +419,7 @@ def test_export_runs_in_transformers(base3, tmp_path):
                 "--batch-size", "2", "--global-batch", "4", "--log-every", "100", "--epochs", "1",
                 "--latents", "4", "--max-steps", "2", "--lr", "5e-3", "--stage", "1"])
     out = export.export(str(tmp_path / "stage1" / "last"), str(tmp_path / "hub"))
-    m, _ = model.load_livr(str(tmp_path / "stage1" / "last"), merge=True)
+    m, _ = checkpoint.load_livr(str(tmp_path / "stage1" / "last"), merge=True)
     proc = data.Processor.from_pretrained(base3["base"], num_latents=4)
     hf = transformers.AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
     tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -460,10 +461,10 @@ def test_bench_inputs_for_the_4b_preset():
     assert int((s["input_ids"] == cfg.image_token_id).sum()) == (12 + 196) // 4
     with torch.device("meta"):
         ours = model.Qwen25VL(cfg)
-        ref = Qwen3VLForConditionalGeneration(Qwen3VLConfig.from_dict(cfg.to_dict()))
+        ref = Qwen3VLForConditionalGeneration(Qwen3VLConfig.from_dict(checkpoint.config_to_dict(cfg)))
     theirs = {k: v.shape for k, v in ref.state_dict().items() if k != "lm_head.weight"}   # tied
     mine = dict(ours.state_dict())
-    assert {ck: mine[k].shape for ck, k in model.hub_key_map(ours, "new").items()} == theirs
+    assert {ck: mine[k].shape for ck, k in checkpoint.hub_key_map(ours, "new").items()} == theirs
     assert 4.43e9 < sum(p.numel() for p in ours.parameters()) < 4.45e9
 
 
@@ -475,13 +476,13 @@ def test_prepared_step_never_reads_the_device(base3, mode):
     import train
     proc = data.Processor.from_pretrained(base3["base"], num_latents=4)
     encoded = [proc.encode(r) for r in data.load_dataset(base3["train"])[:3]]
-    (batch,) = data.pack(encoded, sum(len(e["input_ids"]) for e in encoded) + 3)
-    cfg = model.read_config(base3["base"])
+    (batch,) = batching.pack(encoded, sum(len(e["input_ids"]) for e in encoded) + 3)
+    cfg = checkpoint.read_config(base3["base"])
     with torch.device("meta"):
         m = model.Qwen25VL(cfg, num_latents=4, latent_token_id=proc.latent_token_id)
     model.add_lora(m, 4, 8, 0.05)
     m.to("meta").train()
-    on_meta = {k: v.to("meta") if hasattr(v, "to") else v for k, v in model.prepare_batch(batch, cfg).items()}
+    on_meta = {k: v.to("meta") if hasattr(v, "to") else v for k, v in batching.prepare_batch(batch, cfg).items()}
     loss, n = train.compute_loss(m, on_meta, mode)
     (loss / n).backward()
     assert m.latent_embeds.grad is not None

@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+import batching
+import checkpoint
 import data
 import masks
 import model
 import tiny
 import train
+from demo import make_demo_base, make_synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,8 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def demo(tmp_path_factory):
     """A tiny random base checkpoint with its tokenizer, and a small synthetic data set."""
     root = tmp_path_factory.mktemp("demo")
-    base = train.make_demo_base(str(root / "base"))
-    splits = data.make_synthetic(str(root / "data"), n_train=6, n_val=2, n_test=2, seed=3)
+    base = make_demo_base(str(root / "base"))
+    splits = make_synthetic(str(root / "data"), n_train=6, n_val=2, n_test=2, seed=3)
     return dict(root=root, base=base, train=str(splits["train"]), val=str(splits["val"]))
 
 
@@ -57,7 +60,7 @@ def test_bottleneck_cuts_the_path(demo):
     record = data.load_dataset(demo["train"])[0]
     for k in (0, 4):
         proc = data.Processor.from_pretrained(demo["base"], num_latents=k)
-        m = model.load_pretrained(demo["base"], num_latents=k, latent_token_id=proc.latent_token_id)
+        m = checkpoint.load_pretrained(demo["base"], num_latents=k, latent_token_id=proc.latent_token_id)
         a, b = answer_logits(m, proc, record, 0), answer_logits(m, proc, record, 1)
         if k == 0:
             assert torch.equal(a, b), "answer saw the image without latents"
@@ -75,7 +78,7 @@ def test_only_trainable_parameters_change(demo, mode):
     before = {k: v.detach().clone() for k, v in m.state_dict().items()}
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2)
-    batch = data.collate([proc.encode(r) for r in data.load_dataset(demo["train"])[:2]], proc.pad_id)
+    batch = batching.collate([proc.encode(r) for r in data.load_dataset(demo["train"])[:2]], proc.pad_id)
     for _ in range(2):          # two steps: LoRA's B leaves zero after the first, A after the second
         loss, n = train.compute_loss(m, batch, "bottleneck")
         (loss / n).backward()
@@ -97,7 +100,7 @@ def test_only_trainable_parameters_change(demo, mode):
 
 def test_lora_merges_into_the_same_function(demo):
     proc = data.Processor.from_pretrained(demo["base"], num_latents=2)
-    m = model.load_pretrained(demo["base"], num_latents=2, latent_token_id=proc.latent_token_id)
+    m = checkpoint.load_pretrained(demo["base"], num_latents=2, latent_token_id=proc.latent_token_id)
     model.add_lora(m, rank=4, alpha=8, dropout=0.0)
     for name, p in m.named_parameters():
         if "lora_B" in name:
@@ -137,7 +140,7 @@ def test_kill_and_resume_reproduces_losses(demo, tmp_path, workers):
     assert len(a) == len(b) == 12
     assert a == pytest.approx(b, rel=1e-6)
     # the final checkpoint loads back for evaluation
-    m, meta = model.load_livr(str(tmp_path / "cut" / "stage1" / "final"))
+    m, meta = checkpoint.load_livr(str(tmp_path / "cut" / "stage1" / "final"))
     assert meta["stage"] == 1 and m.num_latents == 4
 
 
@@ -146,8 +149,8 @@ def test_stage_two_starts_from_stage_one(demo, tmp_path):
     train.main(args(demo, tmp_path, "--stage", "1", *common))
     os.replace(tmp_path / "stage1" / "last", tmp_path / "stage1" / "final")
     train.main(args(demo, tmp_path, "--stage", "2", *common))
-    m1, _ = model.load_livr(str(tmp_path / "stage1" / "final"))
-    m2, meta = model.load_livr(str(tmp_path / "stage2" / "last"))
+    m1, _ = checkpoint.load_livr(str(tmp_path / "stage1" / "final"))
+    m2, meta = checkpoint.load_livr(str(tmp_path / "stage2" / "last"))
     assert meta["stage"] == 2 and meta["mask"] == "causal"
     assert not torch.equal(m1.latent_embeds, m2.latent_embeds)
 
@@ -184,11 +187,11 @@ def test_packing_gives_the_same_logits_as_samples_alone(demo):
     """Several samples packed into one sequence (segment ids restart masks and M-RoPE
     positions) give each sample exactly the logits it gets alone, in both stages' masks."""
     proc = data.Processor.from_pretrained(demo["base"], num_latents=4)
-    m = model.load_pretrained(demo["base"], num_latents=4, latent_token_id=proc.latent_token_id)
+    m = checkpoint.load_pretrained(demo["base"], num_latents=4, latent_token_id=proc.latent_token_id)
     model.init_weights(m, std=0.1, seed=5)      # a model whose outputs depend on everything
     encoded = [proc.encode(r) for r in data.load_dataset(demo["train"])[:5]]
-    batches = data.pack(encoded, max_len=260)
-    assert len(batches) < len(encoded) and data.packing_efficiency(batches) > 0.5
+    batches = batching.pack(encoded, max_len=260)
+    assert len(batches) < len(encoded) and batching.packing_efficiency(batches) > 0.5
     checked = 0
     for b in batches:
         seg_ids = b["segment_ids"][0]
@@ -210,13 +213,13 @@ def test_packing_gives_the_same_logits_as_samples_alone(demo):
 
 
 def test_prepared_batches_give_the_same_loss_and_accuracy(demo):
-    """compute_loss and val_accuracy on model.prepare_batch's batches (per-sample attention blocks,
+    """compute_loss and val_accuracy on batching.prepare_batch's batches (per-sample attention blocks,
     flat logits_at, one read-back) equal the plain dense-mask path, sample by sample."""
     proc = data.Processor.from_pretrained(demo["base"], num_latents=4)
-    m = model.load_pretrained(demo["base"], num_latents=4, latent_token_id=proc.latent_token_id)
+    m = checkpoint.load_pretrained(demo["base"], num_latents=4, latent_token_id=proc.latent_token_id)
     model.init_weights(m, std=0.1, seed=5)
     encoded = [proc.encode(r) for r in data.load_dataset(demo["train"])[:4]]
-    plain = data.collate(encoded, proc.pad_id)
+    plain = batching.collate(encoded, proc.pad_id)
     # make row 0 right and the rest wrong: its labels become the model's own argmax
     with torch.no_grad():
         predicts = torch.zeros_like(plain["labels"], dtype=torch.bool)
@@ -228,7 +231,7 @@ def test_prepared_batches_give_the_same_loss_and_accuracy(demo):
     shifted[:, 1:][predicts[:, :-1]] = pred
     row0 = shifted[0] != -100
     plain["labels"][0, row0] = shifted[0, row0]
-    prepared = model.prepare_batch(plain, m.cfg)
+    prepared = batching.prepare_batch(plain, m.cfg)
     weight = torch.tensor([1.0, 1.0, 1.0, 0.0])
     for mode in ("bottleneck", "causal"):
         a, b = train.compute_loss(m, plain, mode), train.compute_loss(m, prepared, mode)
@@ -253,7 +256,7 @@ def test_one_device_bf16_keeps_fp32_masters(demo):
     assert params and all(p.dtype == torch.float32 for p in params)
     assert all(p.dtype == torch.bfloat16 for p in m.parameters() if not p.requires_grad)
     opt = torch.optim.AdamW(params, lr=1e-5)
-    batch = data.collate([proc.encode(r) for r in data.load_dataset(demo["train"])[:2]], proc.pad_id)
+    batch = batching.collate([proc.encode(r) for r in data.load_dataset(demo["train"])[:2]], proc.pad_id)
     before = m.latent_embeds.detach().clone()
     with autocast():
         ce, n = train.compute_loss(m, batch, "bottleneck")
@@ -278,7 +281,7 @@ def test_bf16_run_steps_fp32_masters(demo, tmp_path):
         run = tmp_path / lr
         train.main(args(demo, run, "--stage", "1", "--latents", "4", "--dtype", "bf16",
                         "--lr", lr, "--warmup", "0", "--max-steps", "1", "--epochs", "1"))
-        m, _ = model.load_livr(str(run / "stage1" / "last"))
+        m, _ = checkpoint.load_livr(str(run / "stage1" / "last"))
         rows.append(m.latent_embeds.detach())
     diff = (rows[0] - rows[1]).abs().mean()
     assert 2e-6 < diff < 5e-5, diff
@@ -290,7 +293,7 @@ def step_gradient(m, micro, mask_mode):
     """The gradient of one optimizer step's loss (summed answer-token cross-entropy over the
     micro-batches / their answer-token count), accumulated micro-batch by micro-batch."""
     m.zero_grad(set_to_none=True)
-    n = sum(data.num_targets(b) for b in micro)
+    n = sum(batching.num_targets(b) for b in micro)
     for b in micro:
         ce, _ = train.compute_loss(m, b, mask_mode)
         (ce / n).backward()
@@ -306,10 +309,10 @@ def test_packed_step_gives_the_per_sample_gradient(demo, mask_mode):
     m = train.build_model(a, None, demo["base"], proc, torch.device("cpu"))
     model.init_weights(m, std=0.1, seed=5)      # a model whose outputs depend on everything
     records = data.load_dataset(demo["train"])
-    items = [data.EncodedRecords(records, proc)[i] for i in range(8)]
-    want = step_gradient(m, data.StepBatches(proc.pad_id, 0, 1)(items), mask_mode)
+    items = [batching.EncodedRecords(records, proc)[i] for i in range(8)]
+    want = step_gradient(m, batching.StepBatches(proc.pad_id, 0, 1)(items), mask_mode)
     for budget in (4096, 200):                   # all 8 in one sequence; several sequences
-        micro = data.StepBatches(proc.pad_id, budget)(items)
+        micro = batching.StepBatches(proc.pad_id, budget)(items)
         assert len(micro) == (1 if budget == 4096 else 3)
         got = step_gradient(m, micro, mask_mode)
         assert got.keys() == want.keys() and len(want) > 10
@@ -325,8 +328,8 @@ def test_fsdp_packed_step_equals_per_sample_accumulation(demo, tmp_path, mask_mo
     one process with one-sample micro-batches: the same loss and gradient norm at every step."""
     proc = data.Processor.from_pretrained(demo["base"], num_latents=4)
     records = data.load_dataset(demo["train"])
-    ds, pack = data.EncodedRecords(records, proc), data.StepBatches(proc.pad_id, 144)
-    counts = [[len(pack([ds[i] for i in ids])) for ids in data.StepSampler(len(records), 8, r, 2, 42, 0, 3)]
+    ds, pack = batching.EncodedRecords(records, proc), batching.StepBatches(proc.pad_id, 144)
+    counts = [[len(pack([ds[i] for i in ids])) for ids in batching.StepSampler(len(records), 8, r, 2, 42, 0, 3)]
               for r in range(2)]
     assert counts[0] != counts[1]                # the uneven case is exercised
     common = ["--model", demo["base"], "--data", demo["train"], "--stage", "1", "--mask", mask_mode,
@@ -403,15 +406,15 @@ def test_compiled_blocks_give_the_eager_step_without_recompiling(demo):
     eager = copy.deepcopy(m)
     torch._dynamo.reset()
     model.compile_blocks(m)
-    prepare = functools.partial(model.prepare_batch, cfg=m.cfg)
+    prepare = functools.partial(batching.prepare_batch, cfg=m.cfg)
     records = data.load_dataset(demo["train"])
-    items = [data.EncodedRecords(records, proc)[i] for i in range(len(records))]
+    items = [batching.EncodedRecords(records, proc)[i] for i in range(len(records))]
     one = [x for x, r in zip(items, records) if len(r.images) == 1]      # whole 112-px windows
     mixed = items[::-1]                         # and 56-px images: padded windows, a window mask
     # the first two steps compile each variant a block has (full or window attention, with or
     # without a window mask); the others, other sample counts and lengths, must add no graph
     for i, group in enumerate((mixed[:8], one[:2], mixed[8:11], one[2:7], mixed[11:13])):
-        micro = data.StepBatches(proc.pad_id, 4096, 1, torch.float32, prepare)(group)
+        micro = batching.StepBatches(proc.pad_id, 4096, 1, torch.float32, prepare)(group)
         for mode in ("bottleneck", "causal"):
             want, got = step_gradient(eager, micro, mode), step_gradient(m, micro, mode)
             assert got.keys() == want.keys() and any("lora_A" in k for k in want)

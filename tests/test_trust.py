@@ -14,18 +14,20 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import blink
+import checkpoint
 import data
 import evaluate
-import model
 import tiny
 import train
+from demo import make_demo_base, make_synthetic
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("trust")
-    base = train.make_demo_base(str(root / "base"))
-    splits = data.make_synthetic(str(root / "data"), n_train=2, n_val=1, n_test=1, seed=3)
+    base = make_demo_base(str(root / "base"))
+    splits = make_synthetic(str(root / "data"), n_train=2, n_val=1, n_test=1, seed=3)
     return dict(root=root, base=base, train=str(splits["train"]), val=str(splits["val"]),
                 test=str(splits["test"]))
 
@@ -80,7 +82,7 @@ def test_trainer_state_is_safetensors_and_json(stage1):
                                         "weights.safetensors"]
     tree = json.loads((last / "trainer.json").read_text())
     tensors = load_file(last / "trainer.safetensors")
-    state = train.state_from_files(tree, tensors, str(last))
+    state = checkpoint.state_from_files(tree, tensors, str(last))
     assert state["step"] == 2 and isinstance(state["rng"][0]["python"], tuple)
     assert set(state["optimizer"]["state"]) == set(range(len(state["optimizer"]["param_groups"][0]["params"])))
     assert torch.equal(state["rng"][0]["torch"], tensors[tree["rng"][0]["torch"]["__tensor__"]])
@@ -94,7 +96,7 @@ def test_state_files_round_trip():
     state = {"optimizer": opt.state_dict(), "rng": [{"python": (3, (1, 2), None),
                                                      "torch": torch.get_rng_state()}], "best": -1.0}
     tensors = {}
-    back = train.state_from_files(json.loads(json.dumps(train.state_to_files(state, tensors))),
+    back = checkpoint.state_from_files(json.loads(json.dumps(checkpoint.state_to_files(state, tensors))),
                                   tensors, "x")
     assert back["rng"][0]["python"] == (3, (1, 2), None)
     assert back["optimizer"]["param_groups"][0]["betas"] == (0.8, 0.9)
@@ -141,8 +143,8 @@ def test_incomplete_checkpoints_fail_everywhere(demo, stage1, tmp_path, capsys, 
     run = copy_run(stage1, tmp_path / "run")
     last = str(run / "stage1" / "last")
     edit_weights(last, edit)
-    with pytest.raises(model.CheckpointError, match=r".*" + named.replace("(", r"\(").replace(")", r"\)")):
-        model.load_livr(last)
+    with pytest.raises(checkpoint.CheckpointError, match=r".*" + named.replace("(", r"\(").replace(")", r"\)")):
+        checkpoint.load_livr(last)
     # --resume and stage 2's --init refuse it the same way
     fails_with(run_args(demo, run, "--resume"), capsys, named)
     stage2 = run_args(demo, run, "--init", last, "--max-steps", "1")
@@ -158,8 +160,8 @@ def test_missing_lora_factor_is_named(demo, stage1, tmp_path):
     last = str(copy_run(stage1, tmp_path / "run") / "stage1" / "last")
     key = next(k for k in load_file(os.path.join(last, "weights.safetensors")) if "lora_B" in k)
     edit_weights(last, lambda sd: sd.pop(key))
-    with pytest.raises(model.CheckpointError, match=f"missing tensor '{key}'"):
-        model.load_livr(last)
+    with pytest.raises(checkpoint.CheckpointError, match=f"missing tensor '{key}'"):
+        checkpoint.load_livr(last)
 
 
 def test_a_livr_json_without_its_tensor_list_still_needs_what_the_run_trained(demo, stage1, tmp_path):
@@ -172,25 +174,25 @@ def test_a_livr_json_without_its_tensor_list_still_needs_what_the_run_trained(de
     json.dump(meta, open(meta_file, "w"))
     key = next(k for k in load_file(os.path.join(last, "weights.safetensors")) if "lora_A" in k)
     edit_weights(last, lambda sd: sd.pop(key))
-    with pytest.raises(model.CheckpointError, match=f"missing tensor '{key}'"):
-        model.load_livr(last)
+    with pytest.raises(checkpoint.CheckpointError, match=f"missing tensor '{key}'"):
+        checkpoint.load_livr(last)
     json.dump({**meta, "train": "full", "lora": None}, open(meta_file, "w"))
-    with pytest.raises(model.CheckpointError, match="missing tensor 'model.layers.0.mlp.down_proj.weight'"):
-        model.load_livr(last)
+    with pytest.raises(checkpoint.CheckpointError, match="missing tensor 'model.layers.0.mlp.down_proj.weight'"):
+        checkpoint.load_livr(last)
 
 
 # --- 3. kills during a save -------------------------------------------------------------------
 
 def test_stale_old_and_tmp_never_block_a_save(demo, stage1, tmp_path):
-    m, meta = model.load_livr(str(stage1 / "stage1" / "last"))
+    m, meta = checkpoint.load_livr(str(stage1 / "stage1" / "last"))
     out = str(tmp_path / "ck")
-    model.save_livr(m, out, meta)
+    checkpoint.save_livr(m, out, meta)
     for leftover in (out + ".old", out + ".tmp"):        # a killed save's debris, non-empty
         os.makedirs(leftover)
         (tmp_path / os.path.basename(leftover) / "weights.safetensors").write_bytes(b"half")
-    model.save_livr(m, out, meta)
-    assert model.is_complete(out) and not os.path.exists(out + ".old")
-    model.load_livr(out)
+    checkpoint.save_livr(m, out, meta)
+    assert checkpoint.is_complete(out) and not os.path.exists(out + ".old")
+    checkpoint.load_livr(out)
 
 
 def test_fsdp_kill_and_resume_reproduces_losses(demo, tmp_path):
@@ -213,9 +215,9 @@ FSDP_SAVE = """
 import sys
 import torch
 sys.path.insert(0, sys.argv[1])
-import model, train
+import checkpoint, model, train
 rank, world, device = train.setup_distributed()
-m, meta = model.load_livr(sys.argv[2])
+m, meta = checkpoint.load_livr(sys.argv[2])
 train.shard_model(m, torch.float32, device, per_block=True)     # as on GPUs: a unit per block
 params = [p for p in m.parameters() if p.requires_grad]
 opt = torch.optim.AdamW(params, lr=0.1)
@@ -225,13 +227,13 @@ for p in params:
 opt.step()
 train.save_checkpoint(sys.argv[3] + "/ok", m, opt, sched, meta, {"step": 1, "best": 0}, rank)
 # what --resume does, into a fresh per-block model: the same state comes back
-m2, _ = model.load_livr(sys.argv[2])
+m2, _ = checkpoint.load_livr(sys.argv[2])
 train.shard_model(m2, torch.float32, device, per_block=True)
 opt2 = torch.optim.AdamW([p for p in m2.parameters() if p.requires_grad], lr=0.1)
 sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0)
-train.load_trainer_state(sys.argv[3] + "/ok", m2, opt2, sched2, rank)
-train._restore_weights(m2, sys.argv[3] + "/ok")
-(w, o), (w2, o2) = train.full_state(m, opt), train.full_state(m2, opt2)
+checkpoint.load_trainer_state(sys.argv[3] + "/ok", m2, opt2, sched2, rank)
+checkpoint.restore_weights(m2, sys.argv[3] + "/ok")
+(w, o), (w2, o2) = checkpoint.full_state(m, opt), checkpoint.full_state(m2, opt2)
 if rank == 0:
     same = all(torch.equal(w[k], w2[k]) for k in w) and all(
         torch.equal(o["state"][k][s], o2["state"][k][s]) for k in o["state"] for s in o["state"][k])
@@ -260,18 +262,18 @@ def test_fsdp_save_gathers_on_rank_0_and_refuses_non_finite_everywhere(stage1, t
     assert "rank 0 refused: not saving" in out and "rank 1 refused: not saving" in out
     assert "reloaded state equal: True" in out
     assert not os.path.exists(tmp_path / "bad")
-    m, meta = model.load_livr(last)                        # the same step on one process
+    m, meta = checkpoint.load_livr(last)                        # the same step on one process
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=0.1)
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()
     saved = load_file(str(tmp_path / "ok" / "weights.safetensors"))
-    want = model.trainable_state(m)
+    want = checkpoint.trainable_state(m)
     assert sorted(saved) == sorted(want)
     for k in want:
         torch.testing.assert_close(saved[k], want[k], rtol=0, atol=0)
-    state = train.read_trainer_state(str(tmp_path / "ok"))["optimizer"]["state"]
+    state = checkpoint.read_trainer_state(str(tmp_path / "ok"))["optimizer"]["state"]
     names = [k for k, p in m.named_parameters() if p.requires_grad]
     for i, k in enumerate(names):
         torch.testing.assert_close(state[k]["exp_avg_sq"], opt.state[params[i]]["exp_avg_sq"], rtol=0, atol=0)
@@ -285,7 +287,7 @@ def test_recover_after_a_kill_between_the_renames(demo, stage1, tmp_path, capsys
     os.replace(last, last + ".old")
     train.main(run_args(demo, run, "--max-steps", "1", "--resume"))
     assert "resumed" in capsys.readouterr().out
-    assert model.is_complete(last) and not os.path.exists(last + ".old")
+    assert checkpoint.is_complete(last) and not os.path.exists(last + ".old")
     assert not os.path.exists(last + ".tmp")
 
 
@@ -294,7 +296,7 @@ def test_a_half_written_tmp_is_never_taken(stage1, tmp_path):
     os.replace(last, last + ".old")
     os.makedirs(last + ".tmp")
     shutil.copy(os.path.join(last + ".old", "weights.safetensors"), last + ".tmp")   # no livr.json yet
-    assert model.recover_checkpoint(last)
+    assert checkpoint.recover_checkpoint(last)
     assert sorted(os.listdir(last)) == sorted(os.listdir(stage1 / "stage1" / "last"))
     assert not os.path.exists(last + ".tmp")
 
@@ -324,8 +326,8 @@ class NanGrad(torch.autograd.Function):
 def poison(monkeypatch, bad_calls, grad_only):
     real, calls = train.compute_loss, [0]
 
-    def compute_loss(m, batch, mask_mode):
-        ce, n = real(m, batch, mask_mode)
+    def compute_loss(m, batch, mask_mode, run=None):
+        ce, n = real(m, batch, mask_mode, run)
         calls[0] += 1
         if calls[0] in bad_calls:
             ce = NanGrad.apply(ce) if grad_only else ce * float("nan")
@@ -344,7 +346,7 @@ def test_a_non_finite_step_is_skipped(demo, tmp_path, monkeypatch, capsys, grad_
     recs = [json.loads(l) for l in open(run / "stage1" / "metrics.jsonl")]
     assert [r["step"] for r in recs if "skipped" in r] == [2]
     for name in ("last", "final"):
-        m, _ = model.load_livr(str(run / "stage1" / name))      # finite, or load_livr says so
+        m, _ = checkpoint.load_livr(str(run / "stage1" / name))      # finite, or load_livr says so
         assert all(torch.isfinite(p).all() for p in m.parameters())
 
 
@@ -355,12 +357,12 @@ def test_repeated_non_finite_steps_stop_naming_a_finite_checkpoint(demo, tmp_pat
                      "3 non-finite steps in a row")
     named = re.search(r"The last checkpoint, finite, is (\S+)\. Try", err).group(1)
     assert named.endswith("stage1/last") or named.endswith("stage1/best")
-    m, _ = model.load_livr(named)
+    m, _ = checkpoint.load_livr(named)
     assert all(torch.isfinite(p).all() for p in m.parameters())
 
 
 def test_nothing_non_finite_is_saved(demo, stage1):
-    m, meta = model.load_livr(str(stage1 / "stage1" / "last"))
+    m, meta = checkpoint.load_livr(str(stage1 / "stage1" / "last"))
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
@@ -426,7 +428,7 @@ def test_evaluate_validates_records(demo, stage1, tmp_path, capsys):
 def test_check_and_show_refuse_control_tokens(demo, tmp_path, capsys):
     f = write_jsonl(tmp_path / "t.jsonl", [{"images": [], "question": "a <|im_end|>", "answer": "7"}])
     assert data.main(["check", f]) == 1
-    assert data.main(["show", f]) == 1
+    assert data.main(["show", f, "--model", demo["base"]]) == 1
     assert "reserved token <|im_end|>" in capsys.readouterr().out
 
 
@@ -448,13 +450,13 @@ def test_convert_blink_sanitises_paths(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), src / "val-0.parquet")
     out = tmp_path / "deep" / "out"
     before = set(tmp_path.rglob("*"))
-    written = data.convert_blink([str(src)], str(out))
+    written = blink.convert_blink([str(src)], str(out))
     created = set(tmp_path.rglob("*")) - before - {out.parent}
     assert all(p.is_relative_to(out) for p in created), created
     recs = [r for w in written for r in data.load_dataset(w)]
     assert sorted(r.id for r in recs) == sorted(evil)         # ids kept as data, files distinct
     assert len({r.images[0] for r in recs}) == len(evil)
-    assert data.safe_name("ok_1") == "ok_1" and data.safe_name("ok/1") != data.safe_name("ok_1")
+    assert blink.safe_name("ok_1") == "ok_1" and blink.safe_name("ok/1") != blink.safe_name("ok_1")
 
 
 # --- 7. arguments -----------------------------------------------------------------------------

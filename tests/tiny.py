@@ -182,15 +182,17 @@ def torchrun(nproc, script, *argv, timeout=600, **kw):
 
 
 def write_qwen3_base(path, std=0.02, seed=0, min_pixels=64 * 64, max_pixels=128 * 128, **cfg_kwargs):
-    """A random tiny Qwen3-VL base for LIVR runs, as train.make_demo_base makes the Qwen2.5-VL
-    one: Qwen3-VL's tokenizer files (data.build_tokenizer(family="qwen3"), small pixel limits so
-    the synthetic images stay a few tokens) and a model written by model.save_pretrained, its
+    """A random tiny Qwen3-VL base for LIVR runs, as demo.make_demo_base makes the Qwen2.5-VL
+    one: Qwen3-VL's tokenizer files (demo.build_tokenizer(family="qwen3"), small pixel limits so
+    the synthetic images stay a few tokens) and a model written by checkpoint.save_pretrained, its
     special ids the tokenizer's and room for 64 latents. cfg_kwargs: config_dict3's shapes."""
     import math
 
+    import checkpoint
     import data
+    import demo
     import model
-    data.build_tokenizer(path, min_pixels=min_pixels, max_pixels=max_pixels, family="qwen3")
+    demo.build_tokenizer(path, min_pixels=min_pixels, max_pixels=max_pixels, family="qwen3")
     proc = data.Processor.from_pretrained(path, num_latents=64)
     d = config_dict3(**cfg_kwargs)
     d["text_config"]["vocab_size"] = 64 * math.ceil(proc.vocab_size / 64)
@@ -198,8 +200,8 @@ def write_qwen3_base(path, std=0.02, seed=0, min_pixels=64 * 64, max_pixels=128 
     d.update(image_token_id=proc.image_token_id, vision_start_token_id=proc.vision_start_token_id,
              vision_end_token_id=proc.vision_end_token_id,
              video_token_id=proc.tokenizer.token_to_id("<|video_pad|>"))
-    m = model.Qwen25VL(model.Config.from_dict(d))
-    model.save_pretrained(model.init_weights(m, std=std, seed=seed), path)
+    m = model.Qwen25VL(checkpoint.config_from_dict(d))
+    checkpoint.save_pretrained(model.init_weights(m, std=std, seed=seed), path)
     return str(path)
 
 

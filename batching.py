@@ -1,0 +1,304 @@
+"""
+Batches: encoded records -> what one training or validation step eats, made on the host.
+
+    encode() dicts --collate--> a padded batch [B, L] (one sample per row)
+                   --pack-----> packed rows, several samples each (segment_ids number them)
+                   --prepare_batch--> + M-RoPE positions, the vision window layout, where the
+                                      logits go: what the forward would otherwise compute in
+                                      Python and read back from the device
+Streaming: the records stay in memory (they are small), the pixels are decoded when a batch is
+made, in DataLoader worker processes, so host memory does not grow with the dataset and the
+first step starts at once. Each rank reads only its own share of every batch.
+
+    records --StepSampler--> this rank's record indices for one optimizer step
+            --EncodedRecords (in a worker)--> encode() dicts
+            --StepBatches (in the worker)--> the step's micro-batches, packed, ready for the device
+"""
+import math
+import os
+
+import torch
+
+import masks
+import model
+from vision import window_layout
+
+
+# ----------------------------------------------------------------------------------------------
+# Padding or packing
+
+def collate(encoded, pad_id, padding_side="right"):
+    """[encode() dicts] -> batch: input_ids/labels/kinds/attention_mask/segment_ids [B, L],
+    pixel_values [sum N, 1176] and image_grid_thw [sum n, 3] concatenated in sample order."""
+    B, L = len(encoded), max(len(e["input_ids"]) for e in encoded)
+    batch = {
+        "input_ids": torch.full((B, L), pad_id, dtype=torch.long),
+        "labels": torch.full((B, L), -100, dtype=torch.long),
+        "kinds": torch.full((B, L), masks.TEXT, dtype=torch.long),
+        "attention_mask": torch.zeros(B, L, dtype=torch.long),
+        "segment_ids": torch.zeros(B, L, dtype=torch.long),     # 1 = the sample, 0 = padding
+    }
+    for i, e in enumerate(encoded):
+        n = len(e["input_ids"])
+        sl = slice(0, n) if padding_side == "right" else slice(L - n, L)  # left: for batched generation
+        batch["input_ids"][i, sl] = e["input_ids"]
+        batch["labels"][i, sl] = e["labels"]
+        batch["kinds"][i, sl] = e["kinds"]
+        batch["attention_mask"][i, sl] = 1
+        batch["segment_ids"][i, sl] = 1
+    batch["pixel_values"] = torch.cat([e["pixel_values"] for e in encoded])
+    batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in encoded])
+    return batch
+
+
+def pack(encoded, max_len, pad_id=0, multiple_of=None):
+    """Greedy first-fit: each sample goes into the first sequence with room, in the given order.
+    Returns batches shaped like collate()'s with B=1 and L=max_len (with multiple_of: L = the
+    sequence's own tokens rounded up to a multiple of it, no padding to max_len); segment_ids
+    number the samples 1..n (0 = padding) so the model restarts masks and M-RoPE positions per
+    sample (pad_id only fills masked positions). Labels need no care at the seams: every sample starts with an
+    unlabelled <|im_start|>, so no loss ever crosses from one sample into the next."""
+    bins, room = [], []
+    for i, e in enumerate(encoded):
+        n = len(e["input_ids"])
+        if n > max_len:
+            raise ValueError(f"sample {i} has {n} tokens, more than the packing length {max_len}")
+        j = next((j for j, r in enumerate(room) if r >= n), None)
+        if j is None:
+            bins.append([])
+            room.append(max_len)
+            j = len(bins) - 1
+        bins[j].append(i)
+        room[j] -= n
+    batches = []
+    for members, r in zip(bins, room):
+        L = max_len if multiple_of is None else -(-(max_len - r) // multiple_of) * multiple_of
+        packed = {k: torch.full((1, L), fill, dtype=torch.long) for k, fill in
+                  [("input_ids", pad_id), ("labels", -100), ("kinds", masks.TEXT), ("attention_mask", 0),
+                   ("segment_ids", 0)]}
+        pos = 0
+        for seg, i in enumerate(members, start=1):
+            e, n = encoded[i], len(encoded[i]["input_ids"])
+            for k in ("input_ids", "labels", "kinds"):
+                packed[k][0, pos:pos + n] = e[k]
+            packed["attention_mask"][0, pos:pos + n] = 1
+            packed["segment_ids"][0, pos:pos + n] = seg
+            pos += n
+        packed["pixel_values"] = torch.cat([encoded[i]["pixel_values"] for i in members])
+        packed["image_grid_thw"] = torch.cat([encoded[i]["image_grid_thw"] for i in members])
+        packed["samples"] = members             # segment s holds encoded[members[s - 1]]
+        batches.append(packed)
+    return batches
+
+
+def packing_efficiency(batches):
+    """Fraction of computed token positions that hold real tokens (1.0 = no padding at all)."""
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    total = sum(b["attention_mask"].numel() for b in batches)
+    return real / max(total, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the step needs, made on the host with the batch (in the data pipeline), so the training
+# step only issues device work and never waits on a read-back
+
+def segment_spans(segment_ids):
+    """[(row, start, end)] of every packed sample (a run of one segment number > 0), as Python
+    ints. A sample must be one contiguous run: the per-sample attention relies on it."""
+    spans = []
+    for b, row in enumerate(segment_ids.tolist()):
+        seen, start = set(), 0
+        for i in range(1, len(row) + 1):
+            if i == len(row) or row[i] != row[start]:
+                if row[start] != 0:
+                    if row[start] in seen:
+                        raise ValueError(f"row {b}: segment {row[start]} is not one contiguous run")
+                    seen.add(row[start])
+                    spans.append((b, start, i))
+                start = i
+    return spans
+
+
+def prepare_batch(batch, cfg: model.Config):
+    """A collate / pack batch (CPU tensors) plus what the step needs, made on the host
+    (in the data pipeline) so the forward never waits on the device. Returns a new dict with:
+      position_ids   (3, B, L) long   M-RoPE positions (rope_index)
+      vision_layout  vision.Layout    the images' window layout (None: no images); .to(device)
+      logits_at      (n,) long        flat indices into B*L of the positions whose next token
+                                      is labelled (position i predicts token i+1)
+      targets        (n,) long        the label each of them predicts
+      n_targets      int              n, so counting answer tokens needs no sync
+      spans          [(row, start, end)] Python ints: each sample's positions (attention_blocks)
+    The <|image_pad|> count is checked against the images here, not in the forward."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    if ids.device.type != "cpu":
+        raise ValueError("prepare_batch runs on the host: call it before moving the batch to the device")
+    seg = batch.get("segment_ids", batch.get("attention_mask"))
+    thw, pv = batch.get("image_grid_thw"), batch.get("pixel_values")
+    n_image_tokens = int((ids == cfg.image_token_id).sum())
+    layout = None
+    if pv is not None and pv.numel():
+        patches = int(thw.prod(-1).sum())
+        merged = patches // cfg.vision.spatial_merge_size ** 2
+        if pv.shape[0] != patches:
+            raise ValueError(f"pixel_values has {pv.shape[0]} rows but image_grid_thw makes {patches} patches")
+        if n_image_tokens != merged:
+            raise ValueError(f"{n_image_tokens} <|image_pad|> tokens but {merged} image features")
+        layout = window_layout(thw, cfg.vision)
+    elif n_image_tokens:
+        raise ValueError(f"{n_image_tokens} <|image_pad|> tokens but no pixel_values")
+    predicts = labels[:, 1:] != -100                                     # (B, L-1)
+    row, col = predicts.nonzero().unbind(1)
+    return {**batch, "position_ids": model.rope_index(cfg, ids, thw, seg), "vision_layout": layout,
+            "logits_at": row * ids.shape[1] + col, "targets": labels[:, 1:][predicts],
+            "n_targets": int(predicts.sum()),
+            "spans": segment_spans(seg if seg is not None else torch.ones_like(ids))}
+
+
+def to_device(batch, device):
+    """A batch made on the host -> the same dict on `device`: tensors copied without waiting
+    (from pinned memory the copy overlaps compute), objects with a .to (vision.Layout) moved,
+    Python ints and lists left as they are."""
+    return {k: (v.to(device, non_blocking=True) if hasattr(v, "to") else v) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming: DataLoader workers decode and batch ahead of the step
+
+class EncodedRecords(torch.utils.data.Dataset):
+    """dataset[j] = processor.encode(records[j % n]) plus "index" (j % n) and "weight": positions
+    past the end (j >= n) repeat a record with weight 0, so evaluation shards can all have the same
+    length (see RankShard). keep_errors: a record that fails to encode comes back as
+    {"index", "weight", "error": "Type: message"} instead of raising, so it costs only itself.
+    transform: applied to each encode() dict (evaluate.py drops the latents with it)."""
+
+    def __init__(self, records, processor, with_answer=True, keep_errors=False, transform=None):
+        self.records, self.processor = records, processor
+        self.with_answer, self.keep_errors, self.transform = with_answer, keep_errors, transform
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, j):
+        i = j % len(self.records)
+        info = {"index": i, "weight": float(j < len(self.records))}
+        try:
+            enc = self.processor.encode(self.records[i], self.with_answer)
+        except Exception as e:           # PIL raises many types for bad files
+            if not self.keep_errors:
+                raise
+            return {**info, "error": f"{type(e).__name__}: {e}"}
+        return {**(self.transform(enc) if self.transform else enc), **info}
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """A batch_sampler: for each optimizer step in [start_step, total_steps), the record indices
+    of this rank's share of that step's global batch. The order is one seeded permutation per
+    epoch (torch.randperm, seed + epoch), so a resumed run reads exactly the samples the
+    uninterrupted one would; rank r takes the r-th of `world` equal slices."""
+
+    def __init__(self, n, global_batch, rank=0, world=1, seed=42, start_step=0, total_steps=None):
+        if global_batch % world:
+            raise ValueError(f"global batch {global_batch} does not split over {world} processes")
+        self.n, self.global_batch, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
+        self.steps_per_epoch = n // global_batch
+        self.start_step = start_step
+        self.total_steps = self.steps_per_epoch if total_steps is None else total_steps
+
+    def __len__(self):
+        return max(0, self.total_steps - self.start_step)
+
+    def __iter__(self):
+        share, order, order_epoch = self.global_batch // self.world, None, None
+        for step in range(self.start_step, self.total_steps):
+            epoch, k = divmod(step, self.steps_per_epoch)
+            if epoch != order_epoch:
+                gen = torch.Generator().manual_seed(self.seed + epoch)
+                order, order_epoch = torch.randperm(self.n, generator=gen), epoch
+            ids = order[k * self.global_batch:(k + 1) * self.global_batch]
+            yield ids[self.rank * share:(self.rank + 1) * share].tolist()
+
+
+class RankShard(torch.utils.data.Sampler):
+    """A batch_sampler for validation: this rank's ceil(n / world) consecutive positions of the
+    dataset in batches of batch_size. The last rank's positions past n repeat records (weight 0
+    in EncodedRecords), so every rank runs the same number of forwards -- FSDP needs that."""
+
+    def __init__(self, n, rank=0, world=1, batch_size=8):
+        self.per_rank = math.ceil(n / world) if n else 0
+        self.first, self.batch_size = rank * self.per_rank, batch_size
+
+    def __len__(self):
+        return math.ceil(self.per_rank / self.batch_size)
+
+    def __iter__(self):
+        for i in range(0, self.per_rank, self.batch_size):
+            yield list(range(self.first + i, self.first + min(i + self.batch_size, self.per_rank)))
+
+
+class StepBatches:
+    """collate_fn: one rank's share of a step (EncodedRecords items) -> the step's micro-batches.
+      micro_batch_tokens > 0: the samples packed, longest first, into as few B=1 sequences of at
+          most that many tokens as first-fit finds, each sample its own segment (so its own mask
+          block and M-RoPE positions), each sequence only as long as its samples (rounded up to a
+          multiple of 8); a sample longer than the budget gets a sequence of its own.
+      micro_batch_tokens == 0: batch_size samples per micro-batch, padded to the longest (collate).
+    Pixels are cast to pixel_dtype here: in bf16 the copy to the device moves half the bytes, and
+    the model casts them to its compute dtype anyway, so the numbers are the same.
+    prepare(batch) -> batch adds what the step needs made ahead of it (prepare_batch)."""
+
+    def __init__(self, pad_id, micro_batch_tokens=0, batch_size=1, pixel_dtype=torch.float32, prepare=None):
+        self.pad_id, self.micro_batch_tokens, self.batch_size = pad_id, micro_batch_tokens, batch_size
+        self.pixel_dtype, self.prepare = pixel_dtype, prepare
+
+    def __call__(self, items):
+        if self.micro_batch_tokens:
+            items = sorted(items, key=lambda e: -len(e["input_ids"]))
+            # a multiple of 8, so that rounding a sequence up to one never passes the budget
+            budget = max(self.micro_batch_tokens // 8 * 8, len(items[0]["input_ids"]))
+            batches = pack(items, budget, self.pad_id, multiple_of=8)
+            for b in batches:
+                del b["samples"]         # indices into the sorted list: of no use to anyone
+        else:
+            batches = [collate(items[i:i + self.batch_size], self.pad_id)
+                       for i in range(0, len(items), self.batch_size)]
+        return [self.finish(b) for b in batches]
+
+    def finish(self, batch):
+        batch["pixel_values"] = batch["pixel_values"].to(self.pixel_dtype)
+        return self.prepare(batch) if self.prepare else batch
+
+
+class ValBatches(StepBatches):
+    """collate_fn for RankShard batches: (padded batch, weights [B]) -- weight 0 marks repeats."""
+
+    def __call__(self, items):
+        weights = torch.tensor([e["weight"] for e in items])
+        return self.finish(collate(items, self.pad_id)), weights
+
+
+def num_targets(batch):
+    """Answer tokens the loss is taken over, counted on the host (no device sync)."""
+    if "n_targets" in batch:
+        return int(batch["n_targets"])
+    return int((batch["labels"] != -100).sum())
+
+
+def default_workers(device, processes_per_machine=1):
+    """DataLoader processes per process: on a GPU up to 4, leaving a core for the main process
+    (the step leaves the host's cores free for decoding); on a CPU none, since a worker would
+    only compete with the step for a core."""
+    cpus = (os.cpu_count() or 1) // processes_per_machine
+    return min(4, max(1, cpus - 1)) if torch.device(device).type == "cuda" else 0
+
+
+def loader(dataset, batch_sampler, collate_fn, workers=0, pin_memory=False, ahead=4):
+    """A DataLoader over batch_sampler's batches: `workers` processes decode images and build
+    batches ahead of the step, about `ahead` batches in all (each worker at least one): what a
+    step's host memory is multiplied by, whatever the dataset's size. It draws its worker seeds
+    from a generator of its own, never from the global RNG: training's dropout stream (restored
+    exactly on --resume) must not depend on when loaders are started."""
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn,
+                                       num_workers=workers, pin_memory=pin_memory,
+                                       prefetch_factor=max(1, -(-ahead // workers)) if workers else None,
+                                       persistent_workers=workers > 0, generator=torch.Generator())

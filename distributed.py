@@ -1,0 +1,81 @@
+"""
+Devices and processes: the process group torchrun starts, FSDP2 sharding over the processes (or,
+on one device, fp32 master weights under autocast), sums of host numbers across processes, and
+how a distributed process ends. train.py calls these; nothing here knows about LIVR.
+"""
+import contextlib
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def setup_distributed():
+    if "RANK" not in os.environ:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, dev
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":     # before the process group, so NCCL binds each rank to its own GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if backend == "nccl":
+        return rank, world, torch.device("cuda", torch.cuda.current_device())
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    return rank, world, torch.device("cpu")
+
+
+def all_sum(*xs):
+    """Sum Python numbers over all processes. NCCL reduces only CUDA tensors, gloo CPU ones."""
+    if not dist.is_initialized():
+        return list(map(float, xs))
+    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(xs, dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def shard_model(m, compute_dtype, device, per_block=None):
+    """FSDP2, torchtitan-style: on a GPU each vision block and decoder block is its own unit,
+    then the root (embeddings, tied head, latents, merger); a block's parameters are gathered for
+    its forward, freed, and gathered again for its backward, so memory holds about one block's.
+    CPU processes (gloo) shard the model as one unit: there every collective is a round trip
+    between processes that costs more than a tiny demo block's compute (BENCH.md). per_block
+    overrides the choice (tests shard per block over gloo). Parameters stay fp32 masters;
+    compute runs in `compute_dtype` and gradients reduce in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    mesh = dist.device_mesh.init_device_mesh(device.type, (dist.get_world_size(),))
+    if per_block is None:
+        per_block = device.type == "cuda"
+    if per_block:
+        for block in [*m.visual.blocks, *m.model.layers]:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(m, mesh=mesh, mp_policy=mp)
+    return m
+
+
+def mixed_precision(m, compute_dtype, device):
+    """One device, as FSDP's MixedPrecisionPolicy does over several: trainable parameters (and
+    so AdamW's state) stay fp32 masters, frozen weights are stored in the compute dtype, and the
+    forward runs in it under autocast. Stepping bf16 weights directly would lose every update
+    smaller than half a bf16 ulp (lr 1e-4 on a weight of 0.02 is one ulp), so late in the
+    cosine schedule training would silently stop. Returns a context-manager factory for the
+    forward passes."""
+    if compute_dtype == torch.float32:
+        return contextlib.nullcontext
+    for p in m.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(compute_dtype)
+    return lambda: torch.autocast(device.type, dtype=compute_dtype)
+
+
+def leave(code):
+    """End a distributed process without tearing its process group down: under gloo (torch
+    2.13) the teardown aborts a process now and then after everything is written (BENCH.md,
+    "Known issues"). Nothing is lost: checkpoints and metrics are closed files by then, and
+    DataLoader workers exit when their parent does."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
