@@ -48,6 +48,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -316,6 +317,7 @@ def train_worker(a):
         for name, p in m.named_parameters():       # LIVR's trainable set (masks.trainable)
             p.requires_grad = masks.trainable(name, "lora")
         m.grad_checkpointing = a.ckpt
+        m.attention_path = a.attention            # train.py --attention: blocks or flex (attention.py)
         if a.compile:
             model.compile_blocks(m)               # compiled in the warm-up steps, not timed
         loss_fn = lambda b: train.compute_loss(m, b, 1)
@@ -410,7 +412,7 @@ class Worker:
         a = dict(preset=args.preset, device=args.device, dtype=args.dtype, steps=args.steps,
                  warmup=args.warmup, px=args.px, threads=args.threads, global_batch=0,
                  micro_tokens=args.micro_batch_tokens, step_px=args.step_px, step_prompt=args.step_prompt,
-                 compile=args.compile)
+                 compile=args.compile, attention=args.attention)
         a.update(kw)
         self.err = tempfile.TemporaryFile(mode="w+")
         self.p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(a)],
@@ -724,7 +726,9 @@ def table(r):
                      f"micro-batches of <= {r['micro_batch_tokens']} tokens ({o['host_prepare_s'] * 1e3:.0f} ms "
                      f"on the host to pack and prepare, off the step), transformers in {G} of batch 1; loss "
                      f"with dropout off {o['loss_no_dropout']:.6f} vs {h['loss_no_dropout']:.6f}"
-                     + ("; our blocks compiled (--compile)" if r.get("compiled") else ""))
+                     + ("; our blocks compiled (--compile)" if r.get("compiled") else "")
+                     + ("; our attention one FlexAttention call a layer (--attention flex)"
+                        if r.get("attention") == "flex" else ""))
         extra.append(f"our optimizer step: matrix multiplies {o['gemm_fraction']:.0%} + attention kernels "
                      f"{o['attention_fraction']:.0%}; top ops: "
                      + ", ".join(f"{k} {s:.0%}" for k, s, _ in o["top_ops"][:8]))
@@ -759,6 +763,14 @@ def main():
     p.add_argument("--compile", action="store_true",
                    help="our side with its blocks compiled (model.compile_blocks, train.py --compile); "
                         "the compile runs in the untimed warm-up steps")
+    p.add_argument("--attention", default="blocks", choices=["blocks", "flex"],
+                   help="our attention path, as train.py --attention: per-sample SDPA blocks, or one "
+                        "block-sparse FlexAttention call per layer (attention.py; CUDA only: no CPU backward). "
+                        "blocks stays the default on GPU until `python gpu_check.py` has measured both")
+    p.add_argument("--checkpoint", metavar="DIR",
+                   help="keep the preset's random checkpoint in DIR and reuse it when it is there (the "
+                        "same --preset and --dtype), e.g. across --compile and --attention runs "
+                        "(gpu_check.py); default: a temporary one")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     only = set(args.only.split(",")) - {""}
@@ -769,6 +781,8 @@ def main():
     if args.worker:                                       # a Worker's subprocess
         return train_worker(argparse.Namespace(**json.loads(args.worker)))
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.attention == "flex" and not args.device.startswith("cuda"):
+        p.error("--attention flex needs a CUDA device: FlexAttention has no backward on CPU (torch 2.13)")
     q = args.quick                    # sizes: the real ones, or toys for the smoke test
     args.steps, args.warmup, args.rounds, args.reps = (1, 1, 1, 3) if q else (3, 1, 3, 3)
     args.px = (56, 112) if q else (224, 448)
@@ -787,7 +801,7 @@ def main():
              torch=torch.__version__, transformers=__import__("transformers").__version__,
              threads=torch.get_num_threads(), load_average_start=os.getloadavg(),
              global_batch=args.global_batch, micro_batch_tokens=args.micro_batch_tokens,
-             compiled=args.compile)
+             compiled=args.compile, attention=args.attention)
     log(f"{r['preset']} preset, {r['dtype']}, {r['device']}: {r['machine']}, {r['threads']} threads")
     if args.device == "cpu" and r["load_average_start"][0] > 1:
         log(f"warning: load average {r['load_average_start'][0]:.1f}: if other jobs are running, the "
@@ -795,7 +809,10 @@ def main():
             "neighbour still stalls every parallel region (--threads 1 holds up better)")
     dt = getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_checkpoint(args.preset, os.path.join(tmp, args.preset), dt)
+        path = args.checkpoint or os.path.join(tmp, args.preset)
+        if not os.path.exists(os.path.join(path, "config.json")):   # written beside, then renamed
+            shutil.rmtree(path + ".part", ignore_errors=True)
+            os.replace(write_checkpoint(args.preset, path + ".part", dt), path)
         demo = path if args.preset == "tiny" else write_checkpoint("tiny", os.path.join(tmp, "tiny"), dt)
         cfg = checkpoint.read_config(path)
         if "train" in only:

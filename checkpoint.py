@@ -237,7 +237,7 @@ def base_parameter_names(m: Qwen25VL):
 
 
 def load_pretrained(path_or_repo_id, dtype=torch.float32, device="cpu", num_latents=0,
-                    latent_token_id=None, extend=None):
+                    latent_token_id=None, extend=None, shared_latent=False):
     """Build on `meta`, then fill every tensor from the safetensors files with assign=True.
     dtype=None keeps the checkpoint's dtype (bf16 on the hub). Strict: a missing, unexpected
     or wrongly shaped tensor raises an error that names it and its file. Then the latent rows,
@@ -285,7 +285,7 @@ def load_pretrained(path_or_repo_id, dtype=torch.float32, device="cpu", num_late
     if cfg.text.tie_word_embeddings:
         m.lm_head.weight = m.model.embed_tokens.weight
     m = m.to(device)
-    m.set_latents(num_latents, latent_token_id)
+    m.set_latents(num_latents, latent_token_id, shared_latent)
     for add in (model.EXTEND if extend is None else extend):
         add(m)
     return m.eval()
@@ -426,7 +426,8 @@ def save_livr(m: Qwen25VL, out_dir, meta, state=None, extra=None):
     swapped in (swap_in), so a kill at any point leaves a complete checkpoint to recover."""
     from safetensors.torch import save_file
     if m is not None:
-        meta = {**meta, "num_latents": m.num_latents, "latent_token_id": m.latent_token_id}
+        meta = {**meta, "num_latents": m.num_latents, "latent_token_id": m.latent_token_id,
+                "shared_latent": m.shared_latent}
         state = trainable_state(m) if state is None else state
     meta = {**meta, "tensors": sorted(state)}
     out_dir = out_dir.rstrip("/")
@@ -479,6 +480,16 @@ def check_state(weights, params, required, source):
                               + "\n  ".join(errors[:20]) + more)
 
 
+def check_latent_layout(meta, source):
+    """livr.json's (or an export's "livr" section's) latent_position and shared_latent, when
+    there, are values this code knows: a CheckpointError otherwise."""
+    if meta.get("latent_position", "after") not in masks.LATENT_POSITIONS:
+        raise CheckpointError(f"{source}: latent_position must be one of {masks.LATENT_POSITIONS}, "
+                              f"not {meta['latent_position']!r}")
+    if not isinstance(meta.get("shared_latent", False), bool):
+        raise CheckpointError(f"{source}: shared_latent must be true or false, not {meta['shared_latent']!r}")
+
+
 def load_livr(path, dtype=torch.float32, device="cpu", merge=False):
     """A checkpoint from train.py (livr.json + weights.safetensors), or a plain hub checkpoint
     (zero-shot, or a LIVR model written by export.py). Returns (model, meta). Complete or an
@@ -487,6 +498,7 @@ def load_livr(path, dtype=torch.float32, device="cpu", merge=False):
     if not os.path.exists(meta_file):
         m = load_pretrained(path, dtype=dtype, device=device)
         exported = read_json(os.path.join(resolve(path), "config.json"), "config").get("livr") or {}
+        check_latent_layout(exported, f"{path}/config.json")
         if exported.get("num_latents"):
             k, first = exported["num_latents"], exported.get("latent_token_id")
             if not isinstance(k, int) or not isinstance(first, int) or not 0 <= first <= m.cfg.text.vocab_size - k:
@@ -503,8 +515,9 @@ def load_livr(path, dtype=torch.float32, device="cpu", merge=False):
     if not isinstance(meta["num_latents"], int) or meta["num_latents"] < 0:
         raise CheckpointError(f"{meta_file}: num_latents must be a whole number >= 0, "
                               f"not {meta['num_latents']!r}")
-    m = load_pretrained(meta["base"], dtype=dtype, device=device,
-                        num_latents=meta["num_latents"], latent_token_id=meta["latent_token_id"])
+    check_latent_layout(meta, meta_file)
+    m = load_pretrained(meta["base"], dtype=dtype, device=device, num_latents=meta["num_latents"],
+                        latent_token_id=meta["latent_token_id"], shared_latent=meta.get("shared_latent", False))
     if meta.get("lora"):
         lora = meta["lora"]
         if not isinstance(lora, dict) or set(lora) - {"rank", "alpha", "dropout"}:

@@ -407,11 +407,15 @@ def render_chat(user_parts, answer=None, system_prompt=DEFAULT_SYSTEM_PROMPT):
 class Processor:
     """Qwen2_5_VLProcessor + apply_chat_template in plain Python, with LIVR's K latent tokens."""
 
-    def __init__(self, tokenizer, image_config=None, num_latents=16, system_prompt=DEFAULT_SYSTEM_PROMPT):
+    def __init__(self, tokenizer, image_config=None, num_latents=16, system_prompt=DEFAULT_SYSTEM_PROMPT,
+                 latent_position="after"):
         self.tokenizer = tokenizer
         self.image_config = image_config or ImageConfig()
         self.num_latents = num_latents
         self.system_prompt = system_prompt
+        if latent_position not in masks.LATENT_POSITIONS:
+            raise ValueError(f"latent_position {latent_position!r}: one of {masks.LATENT_POSITIONS}")
+        self.latent_position = latent_position        # where masks.place_latents puts them
         # K new vocabulary entries (the paper's latent tokens): special, so text never splits them.
         # On the real Qwen tokenizer (151,665 tokens) they land at 151665.., unused embedding rows.
         self.latent_tokens = [LATENT_TOKEN.format(i) for i in range(num_latents)]
@@ -442,7 +446,7 @@ class Processor:
         return i
 
     @classmethod
-    def from_pretrained(cls, path, num_latents=16, min_pixels=None, max_pixels=None):
+    def from_pretrained(cls, path, num_latents=16, min_pixels=None, max_pixels=None, latent_position="after"):
         path = Path(path)
         if not (path / "tokenizer.json").exists():
             raise FileNotFoundError(f"{path / 'tokenizer.json'} not found: expected a Qwen2.5-VL checkpoint")
@@ -454,7 +458,8 @@ class Processor:
         except Exception as e:                 # the tokenizers library raises a bare Exception
             raise ValueError(f"{path / 'tokenizer.json'}: not a readable tokenizer ({e})") from None
         # Qwen3-VL's template has no default system turn
-        return cls(tokenizer, image_config, num_latents, None if is_qwen3(path) else DEFAULT_SYSTEM_PROMPT)
+        return cls(tokenizer, image_config, num_latents, None if is_qwen3(path) else DEFAULT_SYSTEM_PROMPT,
+                   latent_position)
 
     def image_tokens(self, width, height):
         """<|image_pad|> count for an image of this size (no pixels touched)."""
@@ -485,7 +490,9 @@ class Processor:
         else:
             parts = list(image_token_counts) + [text]
         parts = [p for p in parts if p != ""]
-        return masks.place_latents(parts, "".join(self.latent_tokens)) if self.num_latents else parts
+        if not self.num_latents:
+            return parts
+        return masks.place_latents(parts, "".join(self.latent_tokens), position=self.latent_position)
 
     def render(self, sample, with_answer=True, image_token_counts=None):
         """(text, answer_start) of the whole conversation, image pads expanded. User text (the

@@ -36,17 +36,18 @@ def all_sum(*xs):
     return t.tolist()
 
 
-def shard_model(m, compute_dtype, device, per_block=None):
+def shard_model(m, compute_dtype, device, per_block=None, shard_size=None):
     """FSDP2, torchtitan-style: on a GPU each vision block and decoder block is its own unit,
     then the root (embeddings, tied head, latents, merger); a block's parameters are gathered for
     its forward, freed, and gathered again for its backward, so memory holds about one block's.
     CPU processes (gloo) shard the model as one unit: there every collective is a round trip
     between processes that costs more than a tiny demo block's compute (BENCH.md). per_block
     overrides the choice (tests shard per block over gloo). Parameters stay fp32 masters;
-    compute runs in `compute_dtype` and gradients reduce in fp32."""
+    compute runs in `compute_dtype` and gradients reduce in fp32. shard_size (HSDP): shard within
+    each group of that many consecutive ranks (a node's GPUs) and replicate across the groups."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    mesh = dist.device_mesh.init_device_mesh(device.type, (dist.get_world_size(),))
+    mesh = hsdp_mesh(device, shard_size)
     if per_block is None:
         per_block = device.type == "cuda"
     if per_block:
@@ -54,6 +55,26 @@ def shard_model(m, compute_dtype, device, per_block=None):
             fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(m, mesh=mesh, mp_policy=mp)
     return m
+
+
+def hsdp_mesh(device, shard_size=None):
+    """FSDP's device mesh: 1-D over all ranks, or with shard_size the 2-D (replicate, shard) mesh
+    of HSDP, whose rows are groups of consecutive ranks (torchrun numbers a node's ranks so)."""
+    world = dist.get_world_size()
+    if not shard_size or shard_size == world:
+        return dist.device_mesh.init_device_mesh(device.type, (world,))
+    return dist.device_mesh.init_device_mesh(device.type, (world // shard_size, shard_size),
+                                             mesh_dim_names=("replicate", "shard"))
+
+
+def mesh_note(params):
+    """' | mesh replicate R x shard S' (HSDP) or ' | mesh shard W' (FSDP), read from the sharded
+    parameters themselves; '' on one process."""
+    mesh = getattr(params[0], "device_mesh", None) if params else None
+    if mesh is None:
+        return ""
+    names = mesh.mesh_dim_names or ("shard",)
+    return " | mesh " + " x ".join(f"{n} {k}" for n, k in zip(names, mesh.shape))
 
 
 def mixed_precision(m, compute_dtype, device):

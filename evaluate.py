@@ -34,7 +34,6 @@ import gc
 import html
 import json
 import os
-import re
 import sys
 import time
 
@@ -46,7 +45,9 @@ import batching
 import checkpoint
 import data
 import demo
+import lmms
 import masks
+from scoring import accuracy, parse_answer, score  # noqa: F401 (evaluate.score, ...)
 
 DEMO_CHECKPOINT = os.path.join(demo.DIR, "stage2", "final")
 DEMO_DATA = os.path.join(demo.DIR, "data", "test.jsonl")
@@ -56,76 +57,6 @@ TRAIN_DEMO = ("torchrun --nproc_per_node 2 train.py --stage 1 && "
 
 class EvalError(Exception):
     """Bad input: a message that says what is wrong; main() prints it and exits 2."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Scoring: what answer does a model's output name? (the paper: letter accuracy / exact number)
-
-NUMBER_WORDS = {w: i for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-    "fifteen sixteen seventeen eighteen nineteen twenty".split())}
-NUMBER = r"(\d+|" + "|".join(NUMBER_WORDS) + r")"
-
-
-def parse_answer(text, record):
-    """The answer `text` names, in the gold answers' form: an option letter ("A", "B", ...) for
-    multiple choice, a number in digits for counting, else the normalised text. "" = none."""
-    text = str(text).strip()
-    if record.choices:
-        return _parse_letter(text, record.choices)
-    if _parse_number(str(record.answer or "")):        # counting: the gold answer is a number
-        return _parse_number(text)
-    return _norm(text)
-
-
-def score(output, record):
-    """Top-1 letter accuracy / exact number match: True when the output names the gold answer."""
-    gold = parse_answer(data.normalize_answer(record.answer or ""), record)
-    return bool(gold) and parse_answer(output, record) == gold
-
-
-def _norm(s):
-    return " ".join(re.sub(r"[^a-z0-9]+", " ", s.lower()).split())
-
-
-def _parse_letter(text, choices):
-    valid = data.answer_letters(len(choices))
-    # 1. the whole output is a letter: "B", "(B)", "B.", "b)", "**B**"
-    m = re.fullmatch(r"[\s*(\[]*([A-Za-z])[\s*)\].:,]*", text)
-    if m and m.group(1).upper() in valid:
-        return m.group(1).upper()
-    # 2. named as the answer: "The answer is B", "Answer: (B)", "the correct option is C"
-    for m in re.finditer(r"(?i:answer|option|choice)(?:\s+(?i:is|would be|should be))?[\s:]*"
-                         r"(?i:option\s+|choice\s+)?[(\[]?([A-Z])(?![A-Za-z])", text):
-        if m.group(1) in valid:
-            return m.group(1)
-    # 3. a letter in parentheses, as the prompt writes the options: "(C) the third image"
-    for m in re.finditer(r"\(([A-Z])\)", text):
-        if m.group(1) in valid:
-            return m.group(1)
-    # 4. a leading letter: "B. the left one", "C: ...", "D is correct" -- but not the article
-    # in "A red box is ..."
-    m = re.match(r"([A-Z])(?:[.:),\-]|\s|$)", text)
-    if m and m.group(1) in valid and not re.match(r"A\s+[a-z]", text):
-        return m.group(1)
-    # 5. no letter: the option's own text, "the blue box" -> B. When several options appear, one
-    # inside another ("car" in "red car"), the longer one is meant.
-    said = f" {_norm(text)} "
-    found = [i for i, c in enumerate(choices) if _norm(c) and f" {_norm(c)} " in said]
-    found = [i for i in found if not any(i != j and _norm(choices[i]) in _norm(choices[j]) for j in found)]
-    if len(found) == 1:
-        return valid[found[0]]
-    return ""
-
-
-def _parse_number(text):
-    # the number named as the answer ("the answer is 7"), else the first number at all
-    m = (re.search(r"answer\W{0,3}(?:is\s+|would be\s+)?" + NUMBER + r"\b", text, re.I)
-         or re.search(r"\b" + NUMBER + r"\b", text, re.I))
-    if not m:
-        return ""
-    word = m.group(1).lower()
-    return str(NUMBER_WORDS[word] if word in NUMBER_WORDS else int(word))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,20 +147,6 @@ def _attempt(fn):
         return e
 
 
-def accuracy(results):
-    """Accuracy % per task and its mean over tasks (the paper's "mean of 9 tasks", not over
-    samples), the same for chance, samples per task and the number of failed samples."""
-    tasks = {}
-    for r in results:
-        tasks.setdefault(r["task"], []).append(r)
-    acc = {t: 100 * sum(r["correct"] for r in rs) / len(rs) for t, rs in tasks.items()}
-    chance = {t: 100 * sum(r["chance"] for r in rs) / len(rs) for t, rs in tasks.items()}
-    mean = lambda d: sum(d.values()) / len(d) if d else 0.0
-    return {"accuracy": acc, "mean": mean(acc), "chance": chance, "chance_mean": mean(chance),
-            "n": {t: len(rs) for t, rs in tasks.items()},
-            "errors": sum(r["error"] is not None for r in results)}
-
-
 def table(results_by_checkpoint, latent_attention=None):
     """A Markdown table as the paper's: a row per checkpoint, a column per task + mean, the chance
     row first and a Δ row (last checkpoint minus the one before) at the end. `latent_attention`
@@ -292,16 +209,18 @@ def _forward_one(m, enc, mask, reduce):
     last = torch.zeros_like(ids, dtype=torch.bool)
     last[:, -1] = True                    # logits are not needed: skip the (L, vocab) tensor
     with read_attention(m, reduce):
-        m(ids, pv, enc["image_grid_thw"].to(dev), mask=masks.build_mask(kinds, mask),
+        m(ids, pv, enc["image_grid_thw"].to(dev), mask=masks.build_mask(kinds, mask, num_latents=m.num_latents),
           logits_at=last, return_attn=True)
 
 
 @torch.no_grad()
 def answer_latent_attention(m, processor, records, mask="causal", limit=None):
     """The paper's check that the answer reads the latents: with the gold answer appended
-    (teacher forcing), the attention from answer-token queries to all latent keys, summed over
-    the latents, averaged over heads, layers and answer positions, then over samples.
-    None for a model or prompt without latents. (Paper: 0.076 for LIVR, 0.028 latents-only.)"""
+    (teacher forcing), the attention from the positions that predict the answer's tokens (the
+    last prompt position through the answer's last-but-one: masks.Context.answer_side) to all
+    latent keys, summed over the latents, averaged over heads, layers and those positions, then
+    over samples. None for a model or prompt without latents. (Paper: 0.076 for LIVR, 0.028
+    latents-only, "all heads, layers, positions".)"""
     if not m.num_latents:
         return None
     values = []
@@ -310,13 +229,14 @@ def answer_latent_attention(m, processor, records, mask="causal", limit=None):
             enc = processor.encode(r, with_answer=True)
         except Exception:
             continue                      # bad samples are reported by evaluate()
-        answer, latent = enc["kinds"] == masks.ANSWER, enc["kinds"] == masks.LATENT
-        if not latent.any() or not answer.any():
+        predicts = masks.Context(enc["kinds"]).answer_side
+        latent = enc["kinds"] == masks.LATENT
+        if not latent.any() or not predicts.any():
             continue
         per_layer = []
-        # att[0]: (nh, L, L) -> answer queries x latent keys, summed over the keys
+        # att[0]: (nh, L, L) -> predicting queries x latent keys, summed over the keys
         _forward_one(m, enc, mask, lambda i, att: per_layer.append(
-            att[0][:, answer.to(att.device)][:, :, latent.to(att.device)].float().sum(-1).mean().item()))
+            att[0][:, predicts.to(att.device)][:, :, latent.to(att.device)].float().sum(-1).mean().item()))
         values.append(sum(per_layer) / len(per_layer))
     return sum(values) / len(values) if values else None
 
@@ -456,7 +376,8 @@ def load_checkpoint(path, device="cpu", dtype=torch.float32):
     except Exception as e:
         raise EvalError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from e
     try:
-        processor = data.Processor.from_pretrained(base, num_latents=m.num_latents)
+        processor = data.Processor.from_pretrained(base, num_latents=m.num_latents,
+                                                   latent_position=meta.get("latent_position", "after"))
     except Exception as e:
         raise EvalError(f"no tokenizer for {path} (looked in {base}): {e}") from e
     if m.num_latents and processor.latent_token_id != m.latent_token_id:
@@ -518,6 +439,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="(default: %(default)s)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--lmms-task", metavar="DIR", help="write an lmms-eval task for --data to DIR "
+                   "(YAML + a utils.py with this file's prompt and scoring; lmms.py) and exit")
     return p.parse_args(argv)
 
 
@@ -541,12 +464,14 @@ def main(argv=None):
     try:
         check_args(args)
         return run(args)
-    except (EvalError, data.DataError, checkpoint.CheckpointError, OSError) as e:
+    except (EvalError, lmms.TaskError, data.DataError, checkpoint.CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
 def run(args):
+    if args.lmms_task:            # an lmms-eval task for --data, no model run (lmms.py)
+        return lmms.write_task_cli(args)
     specs = args.checkpoint or [DEMO_CHECKPOINT]
     dtype = checkpoint.DTYPES[args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")]
     workers = args.workers if args.workers is not None else batching.default_workers(args.device)

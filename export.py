@@ -24,7 +24,8 @@ load it as any Qwen2.5-VL or Qwen3-VL:
       generation_config.json          greedy, and the latent ids in suppress_tokens: our
                                       model.generate never emits them, and with a tied head the
                                       latent rows are now also the head's rows for those ids
-      README.md                       base model, K, recipe, validation accuracy
+      README.md                       hub metadata (cardmeta.py), base model, K, recipe,
+                                      validation accuracy, the lmms-eval command (lmms.py)
 
 The weights are safetensors only (no pickle anywhere) and the directory is written elsewhere and
 renamed into place, so an existing OUT stays whole until the new one is complete.
@@ -42,8 +43,10 @@ import tempfile
 
 import torch
 
+import cardmeta
 import checkpoint
 import data
+import lmms
 import model
 
 # Files of the base checkpoint that travel unchanged (those that exist): image/video settings,
@@ -79,7 +82,7 @@ def merged_model(run_ckpt):
     if k:
         # set_latents grew the table already if the base had no spare rows for the latent ids
         with torch.no_grad():
-            m.model.embed_tokens.weight[first:first + k] = m.latent_embeds    # (K, d)
+            m.model.embed_tokens.weight[first:first + k] = m.latent_rows()    # (K, d)
         m.set_latents(0)            # the table holds them now; the hub layout has no latent_embeds
     return m, meta, k, first
 
@@ -96,25 +99,35 @@ def weight_dtype(path):
 # ----------------------------------------------------------------------------------------------
 # The prompt: tokenizer and chat template
 
-def chat_template(num_latents, qwen3=False):
-    """data.QWEN25VL_CHAT_TEMPLATE with the K latent tokens at the end of every user turn, right
-    before its <|im_end|> -- where data.Processor.user_parts puts them (after the question text,
-    whether the content is a string or a list of images and texts). qwen3: the same in
+def chat_template(num_latents, qwen3=False, position="after"):
+    """data.QWEN25VL_CHAT_TEMPLATE with the K latent tokens in every user turn where
+    data.Processor.user_parts puts them: "after" at the end of the turn, right before its
+    <|im_end|> (after the question text, whether the content is a string or a list of images
+    and texts); "before" at its start, right after "<|im_start|>user\\n". qwen3: the same in
     data.QWEN3VL_CHAT_TEMPLATE."""
+    latents = "".join(data.LATENT_TOKEN.format(i) for i in range(num_latents))
     if qwen3:
-        latents = "".join(data.LATENT_TOKEN.format(i) for i in range(num_latents))
         t = data.QWEN3VL_CHAT_TEMPLATE
+        if not num_latents:
+            return t
+        if position == "before":
+            start_of_user = "    {%- if message.role == \"user\" %}\n        {{- '<|im_start|>' + message.role + '\\n' }}"
+            assert t.count(start_of_user) == 1, start_of_user
+            return t.replace(start_of_user, start_of_user.replace("'\\n' }}", "'\\n" + latents + "' }}"))
         end_of_user = "        {{- '<|im_end|>\\n' }}\n    {%- elif message.role == \"assistant\" %}"
         assert t.count(end_of_user) == 1, end_of_user
         return t.replace(end_of_user, end_of_user.replace("'<|im_end|>", "'" + latents + "<|im_end|>"))
-    if not num_latents:
-        return data.QWEN25VL_CHAT_TEMPLATE
-    latents = "{% if message['role'] == 'user' %}" + "".join(
-        data.LATENT_TOKEN.format(i) for i in range(num_latents)) + "{% endif %}"
     t = data.QWEN25VL_CHAT_TEMPLATE
+    if not num_latents:
+        return t
+    in_user = "{% if message['role'] == 'user' %}" + latents + "{% endif %}"
+    if position == "before":
+        start = "<|im_start|>{{ message['role'] }}\n"
+        assert t.count(start) == 1, start
+        return t.replace(start, start + in_user)
     for end_of_content in ("{{ message['content'] }}<|im_end|>", "{% endfor %}<|im_end|>"):
         assert t.count(end_of_content) == 1, end_of_content
-        t = t.replace(end_of_content, end_of_content.replace("<|im_end|>", latents + "<|im_end|>"))
+        t = t.replace(end_of_content, end_of_content.replace("<|im_end|>", in_user + "<|im_end|>"))
     return t
 
 
@@ -160,7 +173,8 @@ def write_configs(m, base, out, processor, num_latents, first, dtype):
     if "dtype" in config:
         config["dtype"] = name                            # transformers 5
     # read back by model.load_livr (K = 0: a Direct SFT run; it also marks OUT as an export)
-    config["livr"] = {"num_latents": num_latents, "latent_token_id": first}
+    config["livr"] = {"num_latents": num_latents, "latent_token_id": first,
+                      "latent_position": processor.latent_position}
     checkpoint.write_json(config, os.path.join(out, "config.json"))
 
     gen = _read_json(os.path.join(base, "generation_config.json")) or {}
@@ -208,9 +222,7 @@ def model_card(meta, run_ckpt, num_latents, first, grown, dtype, qwen3=False):
     train = (f"LoRA r={lora['rank']}, alpha={lora['alpha']}, dropout={lora['dropout']} on "
              f"{', '.join(model.LORA_TARGETS)} (merged into the weights)" if lora
              else "the whole language model (vision encoder and merger frozen)")
-    front = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text",
-             f"tags: [livr, {tag}, latent-tokens]"] + (
-        [f"base_model: {hub_id(base)}"] if hub_id(base) else []) + ["---", ""]
+    front = [cardmeta.front_matter(meta, run_ckpt, hub_id(base), tag, f"LIVR-{os.path.basename(name)}")]
     latents = (f"<|latent_0|>..<|latent_{num_latents - 1}|>, ids {first}..{first + num_latents - 1}"
                if num_latents else "none (a Direct SFT run)")
     body = f"""# LIVR: {name} with {num_latents} latent tokens
@@ -263,7 +275,8 @@ def export(run_ckpt, out_dir, max_shard_bytes=5 * 10**9, dtype=None):
     base = checkpoint.resolve(meta["base"])
     grown = m.cfg.text.vocab_size > checkpoint.read_config(base).text.vocab_size
     try:
-        processor = data.Processor.from_pretrained(base, num_latents=k)
+        processor = data.Processor.from_pretrained(base, num_latents=k,
+                                                   latent_position=meta.get("latent_position", "after"))
     except (OSError, ValueError) as e:
         raise ExportError(f"no tokenizer for {run_ckpt} (looked in {base}): {e}") from e
     if k and processor.latent_token_id != first:
@@ -278,7 +291,7 @@ def export(run_ckpt, out_dir, max_shard_bytes=5 * 10**9, dtype=None):
     try:
         checkpoint.save_pretrained(m, tmp, max_shard_bytes=max_shard_bytes)
         write_configs(m, base, tmp, processor, k, first, dtype)
-        write_tokenizer(processor, base, tmp, chat_template(k, m.cfg.qwen3))
+        write_tokenizer(processor, base, tmp, chat_template(k, m.cfg.qwen3, processor.latent_position))
         for name in COPIED:
             if os.path.isfile(os.path.join(base, name)):
                 shutil.copyfile(os.path.join(base, name), os.path.join(tmp, name))
@@ -292,7 +305,8 @@ def export(run_ckpt, out_dir, max_shard_bytes=5 * 10**9, dtype=None):
                 "processor_class": "Qwen3VLProcessor" if m.cfg.qwen3 else "Qwen2_5_VLProcessor"},
                 os.path.join(tmp, "preprocessor_config.json"))
         with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(model_card(meta, run_ckpt, k, first, grown, dtype, m.cfg.qwen3))
+            f.write(model_card(meta, run_ckpt, k, first, grown, dtype, m.cfg.qwen3)
+                    + lmms.card_section(tmp, out_dir, m.cfg.qwen3))    # the lmms-eval command
         pickles = [n for n in os.listdir(tmp) if n.endswith(PICKLE_SUFFIXES)]
         assert not pickles, f"pickle files in the export: {pickles}"
         umask = os.umask(0)

@@ -8,18 +8,28 @@ those latents; Stage 2 and inference use the plain causal mask.
 
     mask[..., i, j] == True  <=>  query token i may attend to key token j
 
+A rule is stated in terms of what the *predictions* can see. Position i's output predicts token
+i+1, so the answer's first token is predicted at the last prompt position (the "\\n" after
+"assistant"), not at an answer token. The *answer side* of a sequence is every position whose
+output is trained or decoded as an answer token: the last prompt position through the answer's
+last-but-one token (in a prompt that awaits its answer, its last position; in generation, every
+generated token). Context.answer_side marks them.
+
 A mask mode is one rule below: (kinds [..., L], ctx) -> BoolTensor [..., L, L] of the edges it
-keeps, where ctx (a Context) tells K, each latent's index in its group and the training progress
-(a curriculum needs no module global). build_mask ANDs the rule with the causal mask and with the
-packed-sample blocks, so a rule never has to think about either. The rules:
-  "bottleneck" (stage 1): every token that is neither IMAGE nor LATENT loses its edges to all
-      IMAGE tokens. IMAGE tokens attend causally as usual; LATENT tokens keep everything
-      earlier (prompt, images, earlier latents) -- they are the only route from image to answer.
-  "answer_only" (the paper's "mask only" ablation): only ANSWER tokens lose the image.
+keeps, where ctx (a Context) tells the answer side, K, each latent's index in its group and the
+training progress (a curriculum needs no module global). build_mask ANDs the rule with the
+causal mask and with the packed-sample blocks, so a rule never has to think about either:
+  "bottleneck" (stage 1): every query that is neither IMAGE nor LATENT -- and every query on the
+      answer side -- loses its edges to all IMAGE keys. IMAGE queries attend causally as usual;
+      LATENT queries keep everything earlier (prompt, images, earlier latents): they are the only
+      route from the image to the answer.
+  "answer_only" (the paper's "blocking only answer->image"): only the answer side loses the
+      image; the prompt still sees it, so image information can reach the answer through the
+      prompt's hidden states -- the leak the bottleneck closes.
+  "latents_image_only" (the paper's "latents blocked from the prompt"): the bottleneck, and the
+      latents lose the question and the system text; they keep the images and earlier latents.
   "causal" (stage 2, inference): plain causal.
 A new mode is one new function added to RULES: train.py's and evaluate.py's --mask pick it up.
-SYSTEM and ANSWER are kinds of their own so that a rule can single them out; the rules here
-treat SYSTEM as TEXT, and only "answer_only" tells ANSWER from TEXT.
 The diagonal always survives (no rule may cut it), so no row is empty and SDPA never sees a
 fully masked row.
 
@@ -50,10 +60,18 @@ def image_index(kinds):
 # ----------------------------------------------------------------------------------------------
 # Where the latents go: Q' = Q + L, the K latent tokens right after the question
 
-def place_latents(user_parts, latents, is_image=lambda part: isinstance(part, int)):
+LATENT_POSITIONS = ("after", "before")
+
+
+def place_latents(user_parts, latents, is_image=lambda part: isinstance(part, int), position="after"):
     """The user turn's parts in order (question text and images; is_image tells them apart)
     with `latents`, the K latent tokens as one part, inserted. data.Processor and bench.py
-    both lay out their sequences with this. LIVR: after the whole question."""
+    both lay out their sequences with this. "after": LIVR, Q' = Q + L, after the whole question.
+    "before": the paper's ablation L + Q, at the start of the user turn -- before the images too,
+    so under causal attention the latents never see the image: in stage 1 the bottleneck then
+    leaves the answer no path to it at all."""
+    if position == "before":
+        return [latents] + list(user_parts)
     return list(user_parts) + [latents]
 
 
@@ -67,6 +85,10 @@ class Context:
       num_latents   K, as the model has it (None where the caller does not say)
       progress      training progress in [0, 1] (step / total steps) while training and
                     validating; None at inference -- a curriculum decides what that means
+      answer_side   [..., L] bool: the positions whose output is trained or decoded as an answer
+                    token: the next token (in the same sample) is ANSWER, or the position ends a
+                    sample that holds no ANSWER token yet (a prompt: it predicts the answer's
+                    first token)
       latent_index  [..., L] long: each latent's index in its group (a run of LATENT tokens:
                     0..K-1, again after each image when a fork places latents per image), -1 elsewhere
     """
@@ -74,6 +96,19 @@ class Context:
     def __init__(self, kinds, segments=None, num_latents=None, progress=None):
         self.kinds, self.segments = kinds, segments
         self.num_latents, self.progress = num_latents, progress
+
+    @functools.cached_property
+    def answer_side(self):
+        k = self.kinds
+        seg = torch.zeros_like(k) if self.segments is None else self.segments
+        same_next = seg[..., 1:] == seg[..., :-1]
+        side = torch.zeros_like(k, dtype=torch.bool)
+        side[..., :-1] = (k[..., 1:] == ANSWER) & same_next         # the next token is an answer token
+        ends = torch.ones_like(side)
+        ends[..., :-1] = ~same_next                                  # the last position of a sample
+        same = seg[..., :, None] == seg[..., None, :]                # (..., L, L)
+        has_answer = (same & (k == ANSWER)[..., None, :]).any(-1)    # its sample holds an answer
+        return side | (ends & ~has_answer)
 
     @functools.cached_property
     def latent_index(self):
@@ -85,23 +120,40 @@ class Context:
         return torch.where(is_latent, pos - first, torch.full_like(pos, -1))
 
 
+def _cut(queries, keys):
+    """Kept edges when every query in `queries` [..., L] loses every key in `keys` [..., L]."""
+    return ~(queries[..., :, None] & keys[..., None, :])
+
+
 def causal(kinds, ctx=None):
     """Stage 2 and inference: nothing beyond the causal mask."""
     return torch.ones(kinds.shape[-1], kinds.shape[-1], dtype=torch.bool, device=kinds.device)
 
 
 def bottleneck(kinds, ctx=None):
-    """Stage 1: only IMAGE and LATENT queries may attend to IMAGE keys."""
-    blind = (kinds != IMAGE) & (kinds != LATENT)          # queries that may not see the image
-    return ~(blind[..., :, None] & (kinds == IMAGE)[..., None, :])
+    """Stage 1: only IMAGE and LATENT queries may attend to IMAGE keys, and never a position
+    that predicts the answer."""
+    ctx = ctx or Context(kinds)
+    blind = ((kinds != IMAGE) & (kinds != LATENT)) | ctx.answer_side
+    return _cut(blind, kinds == IMAGE)
 
 
 def answer_only(kinds, ctx=None):
-    """The "mask only" ablation: ANSWER queries may not attend to IMAGE keys."""
-    return ~((kinds == ANSWER)[..., :, None] & (kinds == IMAGE)[..., None, :])
+    """Only the answer's predictions lose their edges to the image; the prompt keeps them."""
+    ctx = ctx or Context(kinds)
+    return _cut(ctx.answer_side, kinds == IMAGE)
 
 
-RULES = {"bottleneck": bottleneck, "causal": causal, "answer_only": answer_only}
+def latents_image_only(kinds, ctx=None):
+    """The bottleneck, and the latents lose the question and system text: they keep only the
+    images and earlier latents."""
+    ctx = ctx or Context(kinds)
+    prompt_text = (kinds == TEXT) | (kinds == SYSTEM)
+    return bottleneck(kinds, ctx) & _cut(kinds == LATENT, prompt_text)
+
+
+RULES = {"bottleneck": bottleneck, "causal": causal, "answer_only": answer_only,
+         "latents_image_only": latents_image_only}
 STAGE_MODES = {1: "bottleneck", 2: "causal"}      # the mask each training stage uses by default
 
 
@@ -132,21 +184,31 @@ def build_mask(kinds, mode, segments=None, num_latents=None, progress=None):
 
 def generated_keys(kinds, mode, num_latents=None):
     """[B, L] prompt kinds -> [B, L] bool: the prompt keys a generated token may attend to
-    under `mode` -- the rule's row for one more ANSWER token after the prompt."""
-    ext = torch.cat([kinds, torch.full_like(kinds[..., :1], ANSWER)], -1)     # (B, L+1)
-    return build_mask(ext, mode, num_latents=num_latents)[..., -1, :-1]
+    under `mode` -- the rule's row for a generated token, which is an ANSWER token whose own
+    output is decoded as the next answer token (so: on the answer side)."""
+    ext = torch.cat([kinds, torch.full_like(kinds[..., :2], ANSWER)], -1)     # (B, L+2)
+    return build_mask(ext, mode, num_latents=num_latents)[..., -2, :-2]
 
 
 # ----------------------------------------------------------------------------------------------
 # Which parameters train
 
+TRAIN_MODES = ("lora", "latents", "full", "full-embed")
+
+
 def trainable(name, train="lora", from_base=True):
-    """Whether parameter `name` trains. Everything the base checkpoint lacks trains: the latent
-    rows, the LoRA factors, a fork's new module (from_base=False). Of the base weights, only the
-    language model's blocks and final norm, and only with --train full; the vision encoder, the
-    merger and the embedding table (tied to the head) stay frozen."""
+    """Whether parameter `name` trains under --train `train`. Always: what the base checkpoint
+    lacks -- the latent rows, the LoRA factors (which exist only under "lora"), a fork's new
+    module (from_base=False). Of the base weights:
+      "lora", "latents"  none ("latents": the K latent rows alone, the paper's prompt tuning)
+      "full"             the language model's blocks and final norm; the embedding table (tied
+                         to the head in the 3B/4B) and the head stay frozen
+      "full-embed"       the whole language model: also the embedding table and the output head
+    The vision encoder and the merger never train."""
     if not from_base or name == "latent_embeds" or "lora_" in name:
         return True
+    if train == "full-embed":
+        return name.startswith("model.") or name == "lm_head.weight"
     return train == "full" and name.startswith("model.") and "embed_tokens" not in name
 
 
@@ -163,10 +225,12 @@ if __name__ == "__main__":
     # a toy sequence: system, an image, question text, K=3 latents, the answer
     s, t, I, L, a = SYSTEM, TEXT, IMAGE, LATENT, ANSWER
     kinds = torch.tensor([s, s, I, I, I, I, t, t, L, L, L, t, a, a])
-    print("kinds: s=system  t=text  I=image  L=latent  a=answer   (# = may attend)\n")
+    print("kinds: s=system  t=text  I=image  L=latent  a=answer   (# = may attend; ^ = the answer side,")
+    print("the positions whose output is an answer token)\n")
+    side = "   " + "".join("^" if x else " " for x in Context(kinds).answer_side)
     for mode in RULES:
         print(f"{mode}:")
-        print(draw(kinds, build_mask(kinds, mode)), "\n")
+        print(draw(kinds, build_mask(kinds, mode)) + "\n" + side + "\n")
     segments = torch.tensor([0] * 7 + [1] * 7)
     print("bottleneck, two packed samples (segments 0 and 1):")
     print(draw(kinds, build_mask(kinds, "bottleneck", segments)))

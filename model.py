@@ -8,8 +8,9 @@ without their indirection. Notable features:
   - M-RoPE position ids for text + several images, restarting per packed sample;
   - one forward for training, prefill and decode (a static KV cache, as in gpt-fast), with an
     optional explicit boolean attention mask -- the door the LIVR bottleneck comes through;
-  - attention run per packed sample on its own block of the mask (`attention_blocks`), so a
-    packed training step never pays for the pairs of different samples;
+  - attention run per packed sample on its own block of the mask (attention.py: per-sample
+    SDPA blocks or one block-sparse FlexAttention call), so a packed training step never pays
+    for the pairs of different samples;
   - LIVR latent tokens: K rows of their own (`latent_embeds`), trained while the tied
     embedding table stays frozen (the paper trains only the K new rows);
   - hand-written LoRA on q, k, v, o, gate, up, down that merges back for export;
@@ -26,7 +27,7 @@ is batching.py's.
     logits = m(input_ids=ids, pixel_values=pv, image_grid_thw=thw)   # [B, L, vocab]
 
     b = batching.prepare_batch(batching.pack(encoded, 8192)[0], m.cfg)   # training: on the host
-    logits = m(b["input_ids"], b["pixel_values"], mask=model.attention_blocks(b["kinds"], "bottleneck", b["spans"]),
+    logits = m(b["input_ids"], b["pixel_values"], mask=attention.attention_blocks(b["kinds"], "bottleneck", b["spans"]),
                position_ids=b["position_ids"], vision_layout=b["vision_layout"],
                logits_at=b["logits_at"])                            # [n, vocab], as train.compute_loss
 """
@@ -38,8 +39,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import attention
 import masks
 import vision
+from attention import Blocks, attention_blocks, sdpa  # noqa: F401 (model.attention_blocks)
 from vision import VisionConfig, VisionEncoder
 
 
@@ -179,38 +182,6 @@ class KVCache(nn.Module):
         return self.k[:, :, :n], self.v[:, :, :n]
 
 
-def sdpa(q, k, v, mask=None, is_causal=False):
-    """F.scaled_dot_product_attention with grouped KV heads: q (B, nh, Lq, hd), k/v (B, nkv, Lk, hd).
-    With a mask, CUDA's fused kernels take no enable_gqa (SDPA would fall back to its math kernel,
-    which writes the (B, nh, Lq, Lk) scores in fp32), so there the KV heads are repeated instead."""
-    rep = q.shape[1] // k.shape[1]
-    if rep > 1 and mask is not None and q.is_cuda:
-        k, v = (z[:, :, None].expand(-1, -1, rep, -1, -1).flatten(1, 2) for z in (k, v))
-        rep = 1
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                          enable_gqa=rep > 1)
-
-
-def block_attention(q, k, v, blocks):
-    """Attention of a packed batch, one SDPA call per sample on its own diagonal block (blocks from
-    attention_blocks), so nothing is spent on the (masked) pairs of different samples. Positions
-    outside every block (padding) attend to nothing: their output is 0. q (B, nh, L, hd) ->
-    (B, L, nh, hd)."""
-    B, nh, L, hd = q.shape
-    rows, end = [[] for _ in range(B)], [0] * B
-    gap = lambda n: v.new_zeros(1, n, nh, hd)      # v: the dtype SDPA returns (also under autocast)
-    for b, s, e, mask in blocks:              # in order along each row, not overlapping
-        if s > end[b]:
-            rows[b].append(gap(s - end[b]))
-        y = sdpa(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], mask, is_causal=mask is None)
-        rows[b].append(y.transpose(1, 2))                                     # (1, Ls, nh, hd)
-        end[b] = e
-    for b in range(B):
-        if end[b] < L:
-            rows[b].append(gap(L - end[b]))
-    return torch.cat([torch.cat(r, 1) if len(r) > 1 else r[0] for r in rows])
-
-
 class Attention(nn.Module):
     # Qwen2_5_VLAttention: GQA, bias on q/k/v, none on o. Qwen3VLTextAttention: q/k RMSNorm,
     # no q/k/v bias (attention_bias), an explicit head_dim
@@ -241,8 +212,10 @@ class Attention(nn.Module):
         k = (k * cos).addcmul_(k.roll(self.head_dim // 2, -1), sin)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        if isinstance(mask, Blocks):  # a packed batch's per-sample blocks (attention_blocks)
-            return self.o_proj(block_attention(q, k, v, mask).reshape(B, L, -1)), None
+        if isinstance(mask, Blocks):  # a packed batch's per-sample blocks (attention.py)
+            return self.o_proj(attention.block_attention(q, k, v, mask).reshape(B, L, -1)), None
+        if isinstance(mask, attention.BlockMask):  # --attention flex: the whole micro-batch in one call
+            return self.o_proj(attention.flex(q, k, v, mask).reshape(B, L, -1)), None
         if return_attn:  # the explicit path, for attention maps (evaluate.py)
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
@@ -320,11 +293,12 @@ class Qwen25VL(nn.Module):
         self.set_latents(num_latents, latent_token_id)
 
     # --- LIVR: latent tokens ------------------------------------------------------------------
-    def set_latents(self, num_latents, latent_token_id=None):
+    def set_latents(self, num_latents, latent_token_id=None, shared=False):
         """K latent tokens with ids latent_token_id .. latent_token_id+K-1 (the tokenizer's added
         special tokens). Their embeddings are a separate [K, d] parameter, initialised at the
-        embedding table's scale, so the frozen (and tied) table is never touched. K=0: none."""
-        self.num_latents, self.latent_token_id = num_latents, latent_token_id
+        embedding table's scale, so the frozen (and tied) table is never touched. shared: one
+        [1, d] row for all K (the paper's ablation; the K positions still differ). K=0: none."""
+        self.num_latents, self.latent_token_id, self.shared_latent = num_latents, latent_token_id, shared
         self.latent_embeds = None
         if num_latents:
             if latent_token_id is None:
@@ -333,8 +307,19 @@ class Qwen25VL(nn.Module):
                 self.grow_vocab(latent_token_id + num_latents)     # a base with no spare rows
             table = self.model.embed_tokens.weight
             std = table.float().std().item() if table.device.type != "meta" else 0.02
-            init = torch.randn(num_latents, self.cfg.text.hidden_size, device=table.device) * std
+            init = torch.randn(1 if shared else num_latents, self.cfg.text.hidden_size, device=table.device) * std
             self.latent_embeds = nn.Parameter(init.to(table.dtype))
+
+    def latent_rows(self):
+        """The K latent embeddings, (K, d): the shared row repeated when there is one."""
+        return self.latent_embeds.expand(self.num_latents, -1)
+
+    def mask_latent_logits(self, logits):
+        """logits (..., vocab) with the latent ids at -inf, in place: the model never emits a
+        latent token (generate and val_accuracy decode through this)."""
+        if self.num_latents:
+            logits[..., self.latent_token_id:self.latent_token_id + self.num_latents] = float("-inf")
+        return logits
 
     def grow_vocab(self, vocab_size):
         """Grow the embedding table (and an untied head) to `vocab_size` rows, for latent ids past
@@ -362,7 +347,7 @@ class Qwen25VL(nn.Module):
         if self.num_latents:
             idx = input_ids - self.latent_token_id
             is_latent = (idx >= 0) & (idx < self.num_latents)
-            lat = self.latent_embeds[idx.clamp(0, self.num_latents - 1)]
+            lat = self.latent_embeds[idx.clamp(0, self.latent_embeds.shape[0] - 1)]
             x = torch.where(is_latent[..., None], lat.to(x.dtype), x)
         deep, is_image = [], None
         if pixel_values is not None and pixel_values.numel():
@@ -463,9 +448,10 @@ class Qwen25VL(nn.Module):
                  max_new_tokens=16, eos_token_id=None, kinds=None, mask_mode="causal"):
         """Greedy decoding with the KV cache. Prompts are left-padded (attention_mask 0 on the
         left). mask_mode="bottleneck" (or any masks.RULES mode) with `kinds` decodes under that
-        rule: the prompt as in masks.build_mask and every generated token as an ANSWER token
-        (under the bottleneck: blind to the image, the paper's test-time check). Latent tokens
-        are never generated. Returns (B, <= max_new_tokens)."""
+        rule: the prompt as in masks.build_mask (its last position predicts the answer's first
+        token: the answer side) and every generated token as an ANSWER token that predicts the
+        next (under the bottleneck: blind to the image, the paper's test-time check). Latent
+        tokens are never generated. Returns (B, <= max_new_tokens)."""
         B, L = input_ids.shape
         dev = input_ids.device
         eos = self.cfg.eos_token_id if eos_token_id is None else eos_token_id
@@ -476,11 +462,11 @@ class Qwen25VL(nn.Module):
         self.setup_cache(B, total)
         try:
             kinds = torch.zeros_like(input_ids) if kinds is None else kinds
-            prefill_mask = masks.build_mask(kinds, mask_mode, segment_ids)
+            prefill_mask = masks.build_mask(kinds, mask_mode, segment_ids, self.num_latents)
             # every generated token attends to real prompt keys, those the rule leaves an answer
             key_ok = attention_mask.bool()
             if masks.mode_name(mask_mode) != "causal":
-                key_ok = key_ok & masks.generated_keys(kinds, mask_mode)
+                key_ok = key_ok & masks.generated_keys(kinds, mask_mode, self.num_latents)
             key_ok = torch.cat([key_ok, torch.ones(B, max_new_tokens, dtype=torch.bool, device=dev)], 1)
             all_keys = bool(key_ok.all())             # no padding, no blind spot: SDPA needs no mask
             position_ids = self.rope_index(input_ids, image_grid_thw, segment_ids)
@@ -493,9 +479,7 @@ class Qwen25VL(nn.Module):
             out = []
             done = torch.zeros(B, dtype=torch.bool, device=dev)
             for i in range(max_new_tokens):
-                if self.num_latents:
-                    logits[:, self.latent_token_id:self.latent_token_id + self.num_latents] = float("-inf")
-                tok = logits.argmax(-1)
+                tok = self.mask_latent_logits(logits).argmax(-1)
                 tok = torch.where(done, torch.full_like(tok, eos), tok)
                 out.append(tok)
                 done = done | (tok == eos)
@@ -566,33 +550,6 @@ def rope_index(cfg: Config, input_ids, image_grid_thw=None, segment_ids=None):
     return pos
 
 
-class Blocks:
-    """A packed batch's per-sample attention blocks, [(row, start, end, mask)] (attention_blocks).
-    A class of its own, not a list: torch.compile (compile_blocks) then hands it through to the
-    eager block_attention without guarding on its length, so one graph serves any sample count."""
-
-    def __init__(self, items):
-        self.items = items
-
-    def __iter__(self):
-        return iter(self.items)
-
-    def __len__(self):
-        return len(self.items)
-
-
-def attention_blocks(kinds, mask_mode, spans, num_latents=None, progress=None):
-    """masks.build_mask(kinds, mask_mode, segments) of a packed batch, kept as its diagonal blocks:
-    Blocks of (row, start, end, mask) with mask = masks.build_mask(kinds[row, start:end], mask_mode), the
-    sample's own [Ls, Ls] rule, or None where the rule is plain causal (SDPA's is_causal: the
-    flash kernel on a GPU). Off the blocks the dense mask is False -- samples never attend to
-    each other -- so block_attention spends nothing there. num_latents and progress reach the
-    rule's Context. Built on kinds' device, no sync."""
-    causal = masks.mode_name(mask_mode) == "causal"
-    return Blocks([(b, s, e, None if causal else masks.build_mask(kinds[b, s:e], mask_mode, None, num_latents, progress))
-                   for b, s, e in spans])
-
-
 def compile_blocks(m: Qwen25VL):
     """torch.compile each decoder layer and vision block, with dynamic shapes so that one graph
     serves every length: a block's per-token work (fp32 norms, projections, rotary, SwiGLU, LoRA
@@ -600,8 +557,7 @@ def compile_blocks(m: Qwen25VL):
     attention loops over samples and images (block_attention, vision.image_attention) stay eager
     between the compiled parts: traced, they would recompile for every new count. Call before
     FSDP wraps the blocks (train.place_model). Returns m."""
-    global block_attention
-    block_attention = torch.compiler.disable(block_attention)
+    attention.block_attention = torch.compiler.disable(attention.block_attention)
     vision.image_attention = torch.compiler.disable(vision.image_attention)
     for block in [*m.visual.blocks, *m.model.layers]:
         block.compile(dynamic=True)

@@ -13,9 +13,11 @@ import hashlib
 import json
 import os
 
+import torch
 import torch.distributed as dist
 
 import checkpoint
+from distributed import all_sum
 
 
 class RunError(Exception):
@@ -27,10 +29,12 @@ def barrier():
         dist.barrier()
 
 
-def stage_one_checkpoint(run_dir, init, rank):
-    """Where stage 2 starts: `init` (--init), else RUN_DIR/stage1/final, taken back whole if a
-    kill interrupted its writing."""
-    init = init or os.path.join(run_dir, "stage1", "final")
+def stage_one_checkpoint(run_dir, init, rank, which="end"):
+    """Where stage 2 starts: `init` (--init), else RUN_DIR/stage1/`which` -- "end", the weights
+    after stage 1's last step (the default: the paper's split ablation reads as one continued
+    run), or "best", its best-validation checkpoint (--from-best) -- taken back whole if a kill
+    interrupted its writing."""
+    init = init or os.path.join(run_dir, "stage1", which)
     if rank == 0:
         checkpoint.recover_checkpoint(init)
     barrier()
@@ -138,3 +142,23 @@ def keep_metrics(file, upto, log):
         log(f"resume: dropped {torn} unreadable line(s) of metrics.jsonl (torn by the kill)")
     with open(file, "w") as f:
         f.writelines(kept)
+
+
+def save_checkpoint(path, m, opt, sched, meta, trainer, rank, device=torch.device("cpu")):
+    """The weights and the trainer's state gathered onto rank 0's host, and written there
+    (checkpoint.save_trainer_checkpoint). Refuses, on every rank, to write non-finite weights
+    or optimizer state: rank 0, which sees the gathered whole, decides for all."""
+    weights, opt_state = checkpoint.full_state(m, opt)
+    finite = rank != 0 or (checkpoint.all_finite(weights) and checkpoint.all_finite(opt_state))
+    (n_bad,) = all_sum(0 if finite else 1)             # rank 0's verdict, on every rank
+    if n_bad:
+        raise RunError(f"not saving {path}: the weights or optimizer state are not finite")
+    rng = checkpoint.rng_state(device)
+    rngs = [None] * dist.get_world_size() if dist.is_initialized() else [rng]
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, rng)       # in memory between this run's ranks, no file
+    if rank == 0:
+        checkpoint.save_trainer_checkpoint(path, meta, weights, {
+            **trainer, "optimizer": opt_state, "scheduler": sched.state_dict(), "rng": rngs})
+    if dist.is_initialized():
+        dist.barrier()

@@ -3,30 +3,23 @@ LIVR training: one visible loop, two stages (the paper's recipe; README, "LIVR i
 
     python train.py --stage 1                                  # one process, built-in demo
     torchrun --nproc_per_node 2 train.py --stage 1             # FSDP2 over 2 processes
-    torchrun --nproc_per_node 2 train.py --stage 2             # from the stage-1 checkpoint
-    python evaluate.py                                         # scores runs/demo/stage2/final
-
-With no --model/--data the run is the built-in demo (demo.py): a tiny Qwen2.5-VL-shaped model
-(random init) on the synthetic tasks, all under runs/demo/. On real data:
-
+    torchrun --nproc_per_node 2 train.py --stage 2             # from where stage 1 ended
     torchrun --nproc_per_node 1 train.py --stage 1 --model Qwen/Qwen2.5-VL-3B-Instruct \
-        --data train.jsonl --val val.jsonl --run-dir runs/count
-    torchrun --nproc_per_node 1 train.py --stage 2 --model Qwen/Qwen2.5-VL-3B-Instruct \
-        --data train.jsonl --val val.jsonl --run-dir runs/count
+        --data train.jsonl --val val.jsonl --run-dir runs/count               # real data
 
-Stage 1 trains under the bottleneck mask (masks.py): the answer reaches the image only through
-the K latent tokens. Stage 2 starts from stage 1's checkpoint with the causal mask. Defaults are
-the paper's recipe: LoRA r16/a32/p0.05 on q,k,v,o,gate,up,down + the latent rows, AdamW lr 1e-4
-wd 0.01, effective batch 8, 5% warm-up then cosine (a fresh schedule per stage), seed 42, loss on
-answer tokens only (their summed cross-entropy over the global batch divided by their count).
-The paper's per-device batch 1 with accumulation is --micro-batch-tokens 0; by default each
-device packs its share of a step into few long sequences, one segment per sample, which gives the
-same gradient in fewer, larger passes.
+With no --model/--data the run is the built-in demo (demo.py). Stage 1 trains under the
+bottleneck mask (masks.py): the answer reaches the image only through the K latent tokens;
+stage 2 continues from stage 1's end with the causal mask. Defaults are the paper's recipe:
+LoRA r16/a32/p0.05 on q,k,v,o,gate,up,down + the latent rows, AdamW lr 1e-4 wd 0.01, effective
+batch 8, 5% warm-up then cosine (a fresh schedule per stage), seed 42, loss on answer tokens only
+(their summed cross-entropy over the global batch divided by their count). Each device packs its
+share of a step into few long sequences, one segment per sample: the paper's per-device batch 1
+with accumulation (--micro-batch-tokens 0) in fewer, larger passes, the same gradient.
 
-The file reads: the run (set-up steps, then the loop), the loss, the set-up steps, the flags
-(declared once, in FLAGS), the distributed plumbing. A fork plugs into the seams of Hooks: its
-own loss, an initialisation of the latent rows from the first batch, a callback after each step;
-each receives the Run (flags, stage, step, progress).
+The file reads: the run (set-up steps, then the loop), the loss, the set-up steps (the flags are
+declared once, in flags.py). A fork plugs into Hooks -- its own loss, the latent rows set from
+the first batch, a callback after each step, its own flags -- each receiving the Run (flags,
+stage, step, progress).
 """
 import argparse
 import contextlib
@@ -44,15 +37,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import attention
 import batching
 import checkpoint
 import data
 import demo
+import flags
 import masks
 import model
 import rundir
-from distributed import all_sum, leave, mixed_precision, setup_distributed, shard_model
-from rundir import RunError
+import tracking
+from distributed import all_sum, leave, mesh_note, mixed_precision, setup_distributed, shard_model
+from flags import parse_args  # noqa: F401 (train.parse_args)
+from rundir import RunError, save_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,13 +58,14 @@ from rundir import RunError
 @dataclass
 class Run:
     """The run in progress, as the loss, the latent-init hook and step callbacks see it."""
-    args: argparse.Namespace            # every flag of FLAGS, resolved
+    args: argparse.Namespace            # every flag (flags.FLAGS and a fork's), resolved
     stage: int
     mask_mode: str                      # a name in masks.RULES
     step: int = 0                       # optimizer steps done in this stage
     total_steps: int = 1
     rank: int = 0
     world: int = 1
+    tokens_per_s: float = 0.0           # over this process's run of the stage so far
 
     @property
     def progress(self):
@@ -83,10 +81,12 @@ class Hooks:
                     (the same on every rank), before sharding; only when the rows are fresh (no
                     --init, no --resume)
       on_step       [(run, record) -> None]: after every optimizer step and every validation, on
-                    every rank, with what metrics.jsonl gets"""
+                    every rank, with what metrics.jsonl gets
+      flags         [flags.flag(...)]: the fork's own flags, declared as flags.FLAGS's are"""
     loss: Optional[Callable] = None
     init_latents: Optional[Callable] = None
     on_step: list = field(default_factory=list)
+    flags: list = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,11 +94,18 @@ class Hooks:
 
 def run(args, rank, world, device, log, hooks=None):
     hooks = hooks or Hooks()
-    check_args(args)
-    base, init, stage_dir, mask_mode = settle_run(args, rank, world, device, log)
+    flags.check_args(args, hooks.flags)
+    tracking.require(args.report_to)          # a missing package stops the run before any work
+    base, init, stage_dir, mask_mode = settle_run(args, rank, world, device, log, hooks.flags)
     processor, train_records, val_records = read_data(args, base, rank)
     m = build_model(args, init, base, processor, device)
+    if args.dry_run:                 # the resolved run, as the loop below would train it
+        plan = describe(args, m, mask_mode, init, stage_dir, len(train_records))
+        log(json.dumps(plan, indent=1))
+        return plan
     r = Run(args, args.stage, mask_mode, rank=rank, world=world)
+    tracker = tracking.start(args, stage_dir, rank)      # --report-to; metrics.png at the stage's end
+    on_step = [*hooks.on_step, tracker.on_step]
     if hooks.init_latents and not init and not args.resume:
         hooks.init_latents(m, first_batch(args, m, processor, train_records, device), r)
     compute_dtype, autocast = place_model(m, args, device)
@@ -107,7 +114,8 @@ def run(args, rank, world, device, log, hooks=None):
     r.total_steps = total_steps
     meta = {"base": os.path.abspath(base), "stage": args.stage, "mask": mask_mode,
             "num_latents": args.latents, "latent_token_id": processor.latent_token_id,
-            "train": args.train, "lora": None if args.train == "full" else
+            "latent_position": args.latent_position, "shared_latent": args.shared_latent,
+            "train": args.train, "lora": None if args.train != "lora" else
             {"rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout}}
     data_id = rundir.data_identity(train_records)
     if args.resume:
@@ -121,7 +129,7 @@ def run(args, rank, world, device, log, hooks=None):
                else f"micro-batches of {args.batch_size}")
     log(f"stage {args.stage} | mask {mask_mode} | K={args.latents} | train {args.train} "
         f"({n_params / 1e6:.2f}M trainable) | {len(train_records)} samples | {total_steps} steps of "
-        f"{args.global_batch}, {packing} | {world} x {device.type} | lr {args.lr:g}")
+        f"{args.global_batch}, {packing} | {world} x {device.type} | lr {args.lr:g}" + mesh_note(params))
     metrics = os.path.join(stage_dir, "metrics.jsonl")
 
     # checkpoints this run can name as finite (none is ever saved otherwise), newest last
@@ -133,13 +141,13 @@ def run(args, rank, world, device, log, hooks=None):
         if rank == 0:
             with open(metrics, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-        for fn in hooks.on_step:
+        for fn in on_step:
             fn(r, rec)
 
     def save(name):
         save_checkpoint(os.path.join(stage_dir, name), m, opt, sched, meta,
                         {"step": step, "best": best, "args": vars(args),
-                         "hparams": rundir.hparams(args, mask_mode, *resume_flags()), "data": data_id},
+                         "hparams": rundir.hparams(args, mask_mode, *flags.resume_flags(hooks.flags)), "data": data_id},
                         rank, device)
         saved.append(os.path.join(stage_dir, name))
 
@@ -165,6 +173,7 @@ def run(args, rank, world, device, log, hooks=None):
         micro = next(steps)          # this rank's share of the step, as micro-batches on the host
         loss, tokens = accumulate(m, micro, r, hooks.loss or compute_loss, autocast, device)
         tokens_seen += tokens
+        r.tokens_per_s = tokens_seen * world / (time.time() - t0)
         norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
         loss, grad_norm = read_scalars(loss, norm)     # the step's one wait on the device
         lr = sched.get_last_lr()[0]
@@ -189,7 +198,7 @@ def run(args, rank, world, device, log, hooks=None):
             dt = time.time() - t0
             eta = dt / (step - start_step) * (total_steps - step)
             log(f"step {step}/{total_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                f"{tokens_seen * world / dt:.0f} tok/s | ETA {fmt_time(eta)}")
+                f"{r.tokens_per_s:.0f} tok/s | ETA {fmt_time(eta)}")
         end_of_epoch = step % steps_per_epoch == 0
         if (args.eval_every and step % args.eval_every == 0) or (not args.eval_every and end_of_epoch):
             evaluate_and_keep_best()
@@ -198,14 +207,20 @@ def run(args, rank, world, device, log, hooks=None):
             save("last")
         if stop_early:   # on the last step the stage ends normally instead, writing `final`
             log(f"stopping after --max-steps {args.max_steps}; --resume continues from step {step}")
+            tracker.finish()
             return
+    if total_steps == 0:             # --epochs 0: the stage ends where it starts
+        save("last")
     if val_records and best < 0:
         evaluate_and_keep_best()
-    # final = the best validation checkpoint (the paper reports that one), else the last
+    # end = the weights after the last step (stage 2 starts there); final = what the stage
+    # reports: the best validation checkpoint (the paper, single task) or end (--final end)
+    reported = "best" if args.final == "best" and val_records else "end"
     if rank == 0:
-        src = os.path.join(stage_dir, "best" if val_records else "last")
-        checkpoint.copy_checkpoint(src, os.path.join(stage_dir, "final"))
-    log(f"stage {args.stage} done: {stage_dir}/final" +
+        checkpoint.copy_checkpoint(os.path.join(stage_dir, "last"), os.path.join(stage_dir, "end"))
+        checkpoint.copy_checkpoint(os.path.join(stage_dir, reported), os.path.join(stage_dir, "final"))
+    tracker.finish()
+    log(f"stage {args.stage} done: {stage_dir}/end; final = {reported}" +
         (f" (best val accuracy {100 * best:.1f}%)" if val_records else ""))
 
 
@@ -270,14 +285,19 @@ def forward_batch(m, batch, mask_mode, run=None, **kw):
     (`logits_at`), never as a [B, L, vocab] tensor. Returns (m's output, targets (n,), n): the
     output is the (n, vocab) logits, or a model.Output with return_hidden=True in `kw` (what an
     auxiliary loss on the latents reads). A batch from batching.prepare_batch runs the per-sample
-    attention blocks with everything else made on the host: nothing here waits on the device.
-    Otherwise the mask is the dense [B, L, L] one. `run` gives the mask rule its progress."""
+    attention blocks (or, m.attention_path "flex", one block-sparse call per layer: attention.py)
+    with everything else made on the host: nothing here waits on the device. Otherwise the mask is
+    the dense [B, L, L] one. `run` gives the mask rule its progress."""
     progress = None if run is None else run.progress
     if "logits_at" in batch:
-        out = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"],
-                mask=model.attention_blocks(batch["kinds"], mask_mode, batch["spans"], m.num_latents, progress),
-                position_ids=batch["position_ids"], vision_layout=batch["vision_layout"],
-                logits_at=batch["logits_at"], **kw)
+        if getattr(m, "attention_path", "blocks") == "flex":        # --attention flex
+            mask = attention.decoder_mask(batch["kinds"], mask_mode, batch["segment_ids"], m.num_latents, progress)
+            layout = attention.vision_layout(batch["vision_layout"])
+        else:
+            mask = attention.attention_blocks(batch["kinds"], mask_mode, batch["spans"], m.num_latents, progress)
+            layout = batch["vision_layout"]
+        out = m(batch["input_ids"], batch["pixel_values"], batch["image_grid_thw"], mask=mask,
+                position_ids=batch["position_ids"], vision_layout=layout, logits_at=batch["logits_at"], **kw)
         return out, batch["targets"], batch["n_targets"]
     mask = masks.build_mask(batch["kinds"], mask_mode, batch["segment_ids"], m.num_latents, progress)  # (B, L, L)
     labels = batch["labels"]
@@ -299,9 +319,10 @@ def compute_loss(m, batch, mask_mode, run=None):
 
 @torch.no_grad()
 def val_accuracy(m, batches, mask_mode, run=None):
-    """Exact-match accuracy under teacher forcing: a sample counts when the argmax at every
-    answer position (answer tokens and the closing <|im_end|>) is the gold token -- the same
-    verdict greedy decoding would reach, in one forward_batch per batch. Every rank runs the
+    """Exact-match accuracy under teacher forcing: a sample counts when the argmax (latent ids
+    excluded, as generate excludes them) at every position that predicts an answer token (the
+    answer and its closing <|im_end|>) is the gold token -- the verdict greedy decoding would
+    reach, in one forward_batch per batch. Every rank runs the
     same number of forwards (FSDP needs that); padded-in repeats carry weight 0. Batches hold
     one sample per row (batching.collate); the verdicts stay on the device and are read back
     once, at the end."""
@@ -314,8 +335,8 @@ def val_accuracy(m, batches, mask_mode, run=None):
         # the row of each answer position, in forward_batch's (row-major) order
         row = (batch["logits_at"] // L if "logits_at" in batch else
                (labels[:, 1:] != -100).nonzero()[:, 0])
-        wrong = torch.zeros(B, device=labels.device).index_add_(
-            0, row, (logits.argmax(-1) != targets).float())
+        guess = m.mask_latent_logits(logits).argmax(-1)      # as generate: never a latent id
+        wrong = torch.zeros(B, device=labels.device).index_add_(0, row, (guess != targets).float())
         pending.append((wrong, weight))
     m.train()
     correct = total = 0.0
@@ -330,7 +351,7 @@ def val_accuracy(m, batches, mask_mode, run=None):
 # ----------------------------------------------------------------------------------------------
 # Set-up steps, in the order run() takes them
 
-def settle_run(args, rank, world, device, log):
+def settle_run(args, rank, world, device, log, extra_flags=()):
     """The run's inputs and the checks that need no data: the base checkpoint (the demo's made
     once), the device-dependent defaults, the mask, the stage-1 checkpoint stage 2 starts from,
     and --resume's agreement with the checkpoint. Returns (base, init, stage_dir, mask_mode)."""
@@ -353,6 +374,11 @@ def settle_run(args, rank, world, device, log):
     if args.workers is None:
         args.workers = batching.default_workers(device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     mask_mode = args.mask or masks.STAGE_MODES[args.stage]
+    if args.attention == "flex" and not on_gpu:
+        raise RunError("--attention flex needs a CUDA device: FlexAttention has no backward on "
+                       "CPU (torch 2.13); use --attention blocks")
+    if args.shard_size and world % args.shard_size:
+        raise RunError(f"--shard-size {args.shard_size} does not divide the {world} processes")
     if args.global_batch % world:
         raise RunError(f"--global-batch {args.global_batch} is not a multiple of the "
                        f"{world} processes")
@@ -360,11 +386,16 @@ def settle_run(args, rank, world, device, log):
         raise RunError(f"--global-batch {args.global_batch} is not a multiple of "
                        f"--batch-size {args.batch_size} x {world} processes")
     stage_dir = os.path.join(args.run_dir, f"stage{args.stage}")
-    init = rundir.stage_one_checkpoint(args.run_dir, args.init, rank) if args.stage == 2 else None
+    if args.stage == 2 and args.epochs == 0:
+        raise RunError("--epochs 0 trains nothing: stage 2 needs at least part of an epoch "
+                       "(stage 1 may have 0, the paper's (0, 10) split)")
+    init = (rundir.stage_one_checkpoint(args.run_dir, args.init, rank, "best" if args.from_best else "end")
+            if args.stage == 2 else None)
     if args.resume:
         last = rundir.resumable(stage_dir, rank)
-        rundir.check_resume(rundir.read_hparams(last), rundir.hparams(args, mask_mode, *resume_flags()),
-                            last, log, *resume_flags())
+        fixed, applied = flags.resume_flags(extra_flags)
+        rundir.check_resume(rundir.read_hparams(last), rundir.hparams(args, mask_mode, fixed, applied),
+                            last, log, fixed, applied)
     return base, init, stage_dir, mask_mode
 
 
@@ -374,7 +405,8 @@ def read_data(args, base, rank):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     try:
-        processor = data.Processor.from_pretrained(base, num_latents=args.latents)
+        processor = data.Processor.from_pretrained(base, num_latents=args.latents,
+                                                   latent_position=args.latent_position)
     except FileNotFoundError:
         raise
     except Exception as e:          # tokenizers' and json's own error types
@@ -388,25 +420,46 @@ def read_data(args, base, rank):
 
 
 def build_model(args, stage_init, base, processor, device):
-    """The base model + latent rows + LoRA (or all LM weights) trainable; the rest frozen."""
+    """The base model + latent rows + LoRA (or all LM weights) trainable; the rest frozen. From
+    a stage-1 checkpoint, stage 2 keeps its latent layout and what it trained."""
     if stage_init:
         m, meta = checkpoint.load_livr(stage_init, device="cpu")     # complete or CheckpointError
         if m.num_latents != args.latents:
             raise RunError(f"{stage_init} has {m.num_latents} latent tokens but --latents is "
                            f"{args.latents}: pass --latents {m.num_latents}")
-        if (meta.get("train") or "lora") != args.train:
-            raise RunError(f"{stage_init} was trained with --train {meta.get('train')}; "
-                           f"pass --train {meta.get('train')}")
+        for key, flag_ in (("train", "--train"), ("latent_position", "--latent-position"),
+                           ("shared_latent", "--shared-latent")):
+            theirs = meta.get(key, FLAG_DEFAULTS[key])
+            if theirs != getattr(args, key):
+                raise RunError(f"{stage_init} was trained with {flag_} {theirs}; this run has "
+                               f"{flag_} {getattr(args, key)}: pass the same to both stages")
     else:
         m = checkpoint.load_pretrained(base, device="cpu", num_latents=args.latents,
-                                       latent_token_id=processor.latent_token_id)
+                                       latent_token_id=processor.latent_token_id,
+                                       shared_latent=args.shared_latent)
         if args.train == "lora":
             model.add_lora(m, args.lora_rank, args.lora_alpha, args.lora_dropout)
     base = checkpoint.base_parameter_names(m)   # the rest is new: latents, LoRA, a fork's modules
     for name, p in m.named_parameters():
         p.requires_grad = masks.trainable(name, args.train, from_base=name in base)
     m.grad_checkpointing = args.activation_checkpointing
+    m.attention_path = args.attention                  # read by forward_batch
     return m.to(device)
+
+
+FLAG_DEFAULTS = {"train": "lora", "latent_position": "after", "shared_latent": False}   # older livr.json
+
+
+def describe(args, m, mask_mode, init, stage_dir, n_records):
+    """The resolved run (--dry-run): what each command of the README's ablation table computes."""
+    trainable = {k: p.numel() for k, p in m.named_parameters() if p.requires_grad}
+    return {"stage": args.stage, "mask": mask_mode, "num_latents": m.num_latents,
+            "latent_position": args.latent_position, "shared_latent": args.shared_latent,
+            "latent_rows": 0 if m.latent_embeds is None else m.latent_embeds.shape[0],
+            "train": args.train, "trainable_parameters": sum(trainable.values()),
+            "trainable_tensors": sorted(trainable), "lr": args.lr, "epochs": args.epochs,
+            "steps": schedule_length(args, n_records)[0], "init": init, "stage_dir": stage_dir,
+            "final": args.final}
 
 
 def first_batch(args, m, processor, records, device):
@@ -427,7 +480,7 @@ def place_model(m, args, device):
     if args.compile:
         model.compile_blocks(m)            # before FSDP wraps the blocks, as torchtitan does
     if dist.is_initialized():
-        shard_model(m, compute_dtype, device)
+        shard_model(m, compute_dtype, device, shard_size=args.shard_size)
         return compute_dtype, contextlib.nullcontext       # FSDP casts the parameters itself
     return compute_dtype, mixed_precision(m, compute_dtype, device)
 
@@ -439,12 +492,7 @@ def build_optimizer(args, params, n_records):
     # a GPU; on CPU, and for FSDP's DTensors, it saves most of the optimizer's host time)
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=args.weight_decay, foreach=True)
-    steps_per_epoch = n_records // args.global_batch
-    if steps_per_epoch == 0:
-        raise RunError(f"{args.data} has {n_records} usable record(s), fewer than one "
-                       f"optimizer step's --global-batch {args.global_batch}: add data or lower "
-                       "--global-batch")
-    total_steps = max(1, int(steps_per_epoch * args.epochs))
+    total_steps, steps_per_epoch = schedule_length(args, n_records)
     warmup = max(1, int(args.warmup * total_steps))
 
     def lr_lambda(step):
@@ -452,6 +500,17 @@ def build_optimizer(args, params, n_records):
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda), total_steps, steps_per_epoch
+
+
+def schedule_length(args, n_records):
+    """(optimizer steps in the stage, steps per epoch): --epochs of --global-batch samples, at
+    least one step unless --epochs is 0."""
+    steps_per_epoch = n_records // args.global_batch
+    if steps_per_epoch == 0:
+        raise RunError(f"{args.data} has {n_records} usable record(s), fewer than one "
+                       f"optimizer step's --global-batch {args.global_batch}: add data or lower "
+                       "--global-batch")
+    return (max(1, int(steps_per_epoch * args.epochs)) if args.epochs else 0), steps_per_epoch
 
 
 def start_or_resume(args, m, opt, sched, stage_dir, rank, device, log):
@@ -494,166 +553,14 @@ def build_loaders(args, m, processor, train_records, val_records, step, total_st
     return train_batches, val_batches
 
 
-def save_checkpoint(path, m, opt, sched, meta, trainer, rank, device=torch.device("cpu")):
-    """The weights and the trainer's state gathered onto rank 0's host, and written there
-    (checkpoint.save_trainer_checkpoint). Refuses, on every rank, to write non-finite weights
-    or optimizer state: rank 0, which sees the gathered whole, decides for all."""
-    weights, opt_state = checkpoint.full_state(m, opt)
-    finite = rank != 0 or (checkpoint.all_finite(weights) and checkpoint.all_finite(opt_state))
-    (n_bad,) = all_sum(0 if finite else 1)             # rank 0's verdict, on every rank
-    if n_bad:
-        raise RunError(f"not saving {path}: the weights or optimizer state are not finite")
-    rng = checkpoint.rng_state(device)
-    rngs = [None] * dist.get_world_size() if dist.is_initialized() else [rng]
-    if dist.is_initialized():
-        dist.all_gather_object(rngs, rng)       # in memory between this run's ranks, no file
-    if rank == 0:
-        checkpoint.save_trainer_checkpoint(path, meta, weights, {
-            **trainer, "optimizer": opt_state, "scheduler": sched.state_dict(), "rng": rngs})
-    if dist.is_initialized():
-        dist.barrier()
-
-
-# ----------------------------------------------------------------------------------------------
-# The flags, each declared once: its argparse settings, its allowed range, and what --resume
-# does with it ("fixed": it defines the run and must match the checkpoint; "applied": it may
-# change and applies from the resumed step on). A fork's new flag is one more line here.
-
-PAPER_EPOCHS = {1: 4, 2: 6}
-
-
-@dataclass
-class Flag:
-    name: str                           # "--lr"
-    low: Optional[float] = None         # values below are errors
-    low_ok: bool = True                 # whether `low` itself is allowed
-    below: Optional[float] = None       # values must be below this
-    resume: Optional[str] = None        # "fixed", "applied" or None
-    kw: dict = field(default_factory=dict)   # argparse.add_argument's keywords (help, type, default...)
-
-    @property
-    def dest(self):
-        return self.name[2:].replace("-", "_")
-
-
-def flag(name, low=None, low_ok=True, below=None, resume=None, **kw):
-    return Flag(name, low, low_ok, below, resume, kw)
-
-
-FLAGS = [
-    flag("--stage", type=int, choices=[1, 2], required=True,
-         help="1: bottleneck mask; 2: causal mask, from the stage-1 checkpoint"),
-    flag("--model", help="base checkpoint (directory or hub id); default: the tiny demo model"),
-    flag("--data", help="training set (.jsonl or LLaVA .json); default: synthetic tasks"),
-    flag("--val", help="validation set; default: the synthetic val split with the demo"),
-    flag("--run-dir", default=demo.DIR, help="where stage{1,2}/ checkpoints and metrics go"),
-    flag("--init", help="stage 2: the stage-1 checkpoint (default RUN_DIR/stage1/final)"),
-    flag("--latents", low=0, resume="fixed", type=int, default=16, help="K latent tokens (0 = Direct SFT)"),
-    flag("--mask", resume="fixed", choices=masks.RULES,          # the dict: a rule added later counts
-         help="attention mask, a rule of masks.RULES (default: masks.STAGE_MODES, bottleneck in "
-              "stage 1, causal in stage 2)"),
-    flag("--train", resume="fixed", choices=["lora", "full"], default="lora",
-         help="LoRA (paper) or the whole language model; the vision encoder and merger stay "
-              "frozen; what trains is masks.trainable"),
-    flag("--lora-rank", low=1, resume="fixed", type=int, default=16),
-    flag("--lora-alpha", low=0, low_ok=False, resume="fixed", type=float, default=32),
-    flag("--lora-dropout", low=0, below=1, resume="fixed", type=float, default=0.05),
-    flag("--epochs", low=0, low_ok=False, resume="fixed", type=float,
-         help="default: 4 in stage 1, 6 in stage 2 (paper)"),
-    flag("--lr", low=0, low_ok=False, resume="applied", type=float, default=1e-4, help="peak learning rate"),
-    flag("--weight-decay", low=0, resume="applied", type=float, default=0.01),
-    flag("--warmup", low=0, below=1, resume="fixed", type=float, default=0.05,
-         help="fraction of steps for linear warm-up"),
-    flag("--global-batch", low=1, resume="fixed", type=int, default=8,
-         help="samples per optimizer step over all devices; each device packs its share into "
-              "micro-batches and accumulates their gradients"),
-    flag("--micro-batch-tokens", low=0, type=int,
-         help="token budget of a packed micro-batch: a device's samples of a step are packed into "
-              "as few sequences of at most this many tokens as fit, each sample its own segment "
-              "(default: 8192 on GPU, 512 on CPU); 0: no packing, --batch-size samples per "
-              "padded micro-batch"),
-    flag("--batch-size", low=1, type=int, default=1,
-         help="with --micro-batch-tokens 0 only: samples per padded micro-batch"),
-    flag("--workers", low=0, type=int,
-         help="DataLoader processes per device that decode images and build batches ahead of the "
-              "step (default: up to 4 on GPU, 0 on CPU: in-process)"),
-    flag("--clip", low=0, low_ok=False, resume="applied", type=float, default=1.0,
-         help="gradient-norm clipping"),
-    flag("--seed", resume="fixed", type=int, default=42),
-    flag("--max-len", low=1, resume="fixed", type=int, default=4096, help="longest sample in tokens"),
-    flag("--skip-bad", resume="fixed", action="store_true", help="skip bad records instead of failing"),
-    flag("--eval-every", low=0, type=int, default=0,
-         help="validate every N optimizer steps (0: at the end of each epoch)"),
-    flag("--save-every", low=1, type=int, default=50, help="resumable checkpoint every N steps"),
-    flag("--log-every", low=1, type=int, default=5),
-    flag("--resume", action="store_true", help="continue RUN_DIR/stageN/last. What defines the run "
-         "(the flags FLAGS marks fixed: --model shape, --latents, --mask, --train, LoRA, --epochs, "
-         "--global-batch, --warmup, --seed, --max-len, --skip-bad) and the training records (their "
-         "count and a hash of their text, answers and image file names) must match it, else the "
-         "resume is refused; --lr, --weight-decay and --clip may change and are applied from the "
-         "resumed step on (the new peak --lr under the same schedule), and the log says so"),
-    flag("--max-steps", low=0, type=int, default=0, help="stop after N optimizer steps (debug)"),
-    flag("--dtype", choices=["bf16", "fp32"], help="compute dtype (default: bf16 on GPU, fp32 on CPU)"),
-    flag("--activation-checkpointing", action="store_true",
-         help="recompute each decoder block in backward to save memory"),
-    flag("--compile", action="store_true",
-         help="torch.compile each decoder layer and vision block (model.compile_blocks): fused "
-              "per-token work, after a one-off compile as the run starts"),
-]
-
-
-def resume_flags():
-    """(the fixed flags' names, the applied flags' names), as FLAGS declares them."""
-    return (tuple(f.dest for f in FLAGS if f.resume == "fixed"),
-            tuple(f.dest for f in FLAGS if f.resume == "applied"))
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each default; a default of None is resolved at run time, and its help says how."""
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def argument_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=demo.TRAIN_HELP,
-                                formatter_class=HelpFormatter)
-    for f in FLAGS:
-        p.add_argument(f.name, **f.kw)
-    return p
-
-
-def parse_args(argv=None):
-    """The flags, with the defaults this run uses: the paper's recipe, or the demo preset
-    (demo.TRAIN) when no --model is given; --epochs defaults by stage (PAPER_EPOCHS)."""
-    p = argument_parser()
-    first = p.parse_args(argv)
-    is_demo = first.model is None
-    p.set_defaults(epochs=(demo.TRAIN["epochs"] if is_demo else PAPER_EPOCHS)[first.stage],
-                   **({k: demo.TRAIN[k] for k in ("train", "lr", "batch_size", "save_every")} if is_demo else {}))
-    return p.parse_args(argv)
-
-
-def check_args(args):
-    """Every numeric flag finite and in its range (RunError names the flag)."""
-    for f in FLAGS:
-        v = getattr(args, f.dest)
-        if v is None or (f.low is None and f.below is None):
-            continue
-        if not math.isfinite(v):
-            raise RunError(f"{f.name} {v} is not a finite number")
-        if f.low is not None and (v < f.low or (v == f.low and not f.low_ok)):
-            raise RunError(f"{f.name} {v}: must be {'at least' if f.low_ok else 'more than'} {f.low}")
-        if f.below is not None and v >= f.below:
-            raise RunError(f"{f.name} {v}: must be below {f.below}")
-
-
 def main(argv=None, hooks=None):
-    args = parse_args(argv)
+    hooks = hooks or Hooks()
+    args = flags.parse_args(argv, hooks.flags, description=__doc__.split("\n\n")[0])
     rank, world, device = setup_distributed()
     log = print if rank == 0 else (lambda *a, **k: None)
     try:
-        run(args, rank, world, device, log, hooks)
-    except (RunError, data.DataError, checkpoint.CheckpointError, OSError) as e:
+        result = run(args, rank, world, device, log, hooks)
+    except (RunError, data.DataError, checkpoint.CheckpointError, OSError, tracking.TrackingError) as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         if dist.is_initialized():
@@ -662,6 +569,7 @@ def main(argv=None, hooks=None):
     if dist.is_initialized():
         dist.barrier()            # rank 0 may still be writing `final`: leave together
         leave(0)
+    return result                 # the resolved run with --dry-run
 
 
 if __name__ == "__main__":

@@ -259,7 +259,9 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(S, 3 * nh, self.head_dim)        # heads of q, then k, then v
         qk = apply_rotary(qkv[:, :2 * nh], cos, sin)
         q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, 2 * nh:]        # each [S, nh, hs]
-        if full:  # every patch of an image (of one frame) sees every other: one SDPA call per image
+        if full and hasattr(layout, "attend"):  # an attention.FlexLayout: every image in one call
+            y = layout.attend(q, k, v)
+        elif full:  # every patch of an image (of one frame) sees every other: one SDPA call per image
             y = image_attention(q, k, v, layout)
         else:     # windows are consecutive runs of P slots: one SDPA call over all windows of all images
             qw, kw, vw = (z.view(-1, self.window_len, nh, self.head_dim).transpose(1, 2) for z in (q, k, v))  # (W, nh, P, hs)

@@ -28,6 +28,9 @@ def test_bench_quick_reports_every_key():
     assert step["ours"]["micro_batches"] < step["hf"]["micro_batches"] == out["global_batch"]
     assert math.isclose(step["ours"]["loss_no_dropout"], step["hf"]["loss_no_dropout"], rel_tol=1e-4)
     assert "train_step_mfu" not in out                    # GPU only
+    import gpu_check                                      # what the one GPU command keeps of it
+    kept = gpu_check.step_result(out)
+    assert kept["speedup"] == out["train_step_speedup"] and kept["top_ops"] and kept["mfu"] is None
     assert out["decode"]["1"]["tokens_agree"] >= 0.5      # same greedy tokens (up to near-ties)
     # the table went to stderr
     assert "| train_speedup |" in r.stderr

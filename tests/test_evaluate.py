@@ -191,7 +191,8 @@ def test_a_failing_sample_does_not_sink_its_batch(ckpts, tmp_path, monkeypatch):
 
 
 def test_answer_latent_attention(ckpts, tmp_path):
-    """Equal to the statistic computed by hand from the model's full attention maps."""
+    """Equal to the statistic computed by hand from the model's full attention maps, at the
+    positions that predict the answer."""
     base, livr = ckpts
     m, proc, _ = evaluate.load_checkpoint(livr)
     recs = [data.Sample(images=[image_file(tmp_path / f"{i}.png", 56, 84, i)], question="Which?",
@@ -205,7 +206,9 @@ def test_answer_latent_attention(ckpts, tmp_path):
             _, attns = m(enc["input_ids"][None], enc["pixel_values"], enc["image_grid_thw"],
                          mask=masks.build_mask(kinds, "causal"), return_attn=True)
         a = torch.stack(attns)[:, 0]                                          # (layers, nh, L, L)
-        ans, lat = enc["kinds"] == masks.ANSWER, enc["kinds"] == masks.LATENT
+        # the rows that predict the answer's tokens (the answer side), not the answer tokens' own
+        ans, lat = masks.Context(enc["kinds"]).answer_side, enc["kinds"] == masks.LATENT
+        assert ans.tolist() != (enc["kinds"] == masks.ANSWER).tolist()
         want.append(a[:, :, ans][:, :, :, lat].sum(-1).mean().item())
     assert 0 < got < 1 and got == pytest.approx(sum(want) / len(want), rel=1e-5)
     zero_shot, proc0, _ = evaluate.load_checkpoint(base)

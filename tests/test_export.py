@@ -39,13 +39,13 @@ def make_base(path, spare_rows=True):
     return str(path)
 
 
-def train_run(root, name, base, splits, mode, latents=K):
+def train_run(root, name, base, splits, mode, latents=K, extra=()):
     """Stage 1 then stage 2, one epoch each (6 steps), at a learning rate high enough that the
     LoRA factors / LM weights and the latent rows move visibly. Returns RUN/stage2/final."""
     run = str(root / f"run-{name}")
     common = ["--model", base, "--data", str(splits["train"]), "--val", str(splits["val"]),
               "--run-dir", run, "--batch-size", "2", "--global-batch", "4", "--log-every", "100",
-              "--latents", str(latents), "--epochs", "1", "--lr", "5e-3", "--train", mode]
+              "--latents", str(latents), "--epochs", "1", "--lr", "5e-3", "--train", mode, *extra]
     train.main(["--stage", "1", *common])
     train.main(["--stage", "2", *common])
     return os.path.join(run, "stage2", "final")
@@ -54,17 +54,19 @@ def train_run(root, name, base, splits, mode, latents=K):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """{name: (checkpoint, export)} for a LoRA run, a full-FT run, a LoRA run on a base with no
-    spare rows and a Direct SFT run (no latents); plus the test records (new to training: the
-    synthetic test split)."""
+    spare rows, a Direct SFT run (no latents) and a run with one shared latent row placed before
+    the prompt; plus the test records (new to training: the synthetic test split)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)           # tiny matmuls: more threads only wait on each other
     root = tmp_path_factory.mktemp("export")
     splits = demo.make_synthetic(str(root / "data"), n_train=6, n_val=2, n_test=3, seed=3)
     spare, tight = make_base(root / "base"), make_base(root / "base-tight", spare_rows=False)
     out = {}
-    for name, base, mode, k in (("lora", spare, "lora", K), ("full", spare, "full", K),
-                                ("grown", tight, "lora", K), ("sft", spare, "lora", 0)):
-        ckpt = train_run(root, name, base, splits, mode, k)
+    for name, base, mode, k, extra in (("lora", spare, "lora", K, ()), ("full", spare, "full", K, ()),
+                                       ("grown", tight, "lora", K, ()), ("sft", spare, "lora", 0, ()),
+                                       ("before", spare, "lora", K, ("--latent-position", "before",
+                                                                     "--shared-latent"))):
+        ckpt = train_run(root, name, base, splits, mode, k, extra)
         # small shards, so both loaders must follow the index across several files
         out[name] = (ckpt, export.export(ckpt, str(root / "hub" / name), max_shard_bytes=400_000))
     yield out, str(splits["test"])
@@ -138,7 +140,7 @@ def until_stop(tokens, stops):
 # ----------------------------------------------------------------------------------------------
 # transformers on the export == evaluate.py on the checkpoint
 
-@pytest.mark.parametrize("name", ["lora", "full", "grown", "sft"])
+@pytest.mark.parametrize("name", ["lora", "full", "grown", "sft", "before"])
 def test_transformers_generates_what_evaluate_generates(runs, name, no_video_processor, tmp_path):
     (ckpt, out), test_file = runs[0][name], runs[1]
     hf = transformers.AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()

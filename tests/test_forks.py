@@ -16,6 +16,7 @@ import batching
 import checkpoint
 import data
 import evaluate
+import flags
 import masks
 import model
 import train
@@ -81,8 +82,9 @@ def test_forward_returns_hidden_states_image_features_and_kinds(demo):
 # --- fork (a): the latents do not see the system prompt --------------------------------------
 
 def latents_skip_system(kinds, ctx=None):
-    """Fork (a): the bottleneck, and the latents lose the system turn."""
-    return masks.bottleneck(kinds) & ~((kinds == LATENT)[..., :, None] & (kinds == SYSTEM)[..., None, :])
+    """Fork (a), as the README writes it in masks.py: the bottleneck, and the latents lose the
+    system turn."""
+    return masks.bottleneck(kinds, ctx) & masks._cut(kinds == LATENT, kinds == SYSTEM)
 
 
 def test_fork_a_latents_do_not_see_the_system_prompt(demo, monkeypatch):
@@ -108,7 +110,7 @@ def test_fork_a_latents_do_not_see_the_system_prompt(demo, monkeypatch):
 
 # --- fork (b): K latents after each image, each group seeing only its image ----------------------
 
-def latents_after_each_image(user_parts, latents, is_image=lambda part: isinstance(part, int)):
+def latents_after_each_image(user_parts, latents, is_image=lambda part: isinstance(part, int), position="after"):
     """Fork (b)'s layout: the K latent tokens right after every image."""
     out = []
     for part in user_parts:
@@ -246,11 +248,10 @@ def aux_weighted_loss(m, batch, mask_mode, run=None):
 
 
 def test_a_fork_uses_every_seam_without_globals(demo, tmp_path, monkeypatch, capsys):
-    # a new rule: one entry of masks.RULES; a new flag: one entry of train.FLAGS (both tables are
-    # the source a fork edits; the test adds the entries as the edit would)
+    # a new rule: one entry of masks.RULES (the test adds it as the source edit would); the new
+    # flag comes with the fork's hooks, declared like flags.FLAGS's (no table edited at all)
     monkeypatch.setitem(masks.RULES, "active_latents", active_latents)
-    monkeypatch.setattr(train, "FLAGS", train.FLAGS + [
-        train.flag("--aux-weight", low=0, resume="fixed", type=float, default=0.0)])
+    aux_weight = flags.flag("--aux-weight", low=0, resume="fixed", type=float, default=0.0)
     # the rule reads K, each latent's index in its group, and the progress
     proc = data.Processor.from_pretrained(demo["base"], num_latents=K)
     kinds = proc.encode(two_image_sample())["kinds"]
@@ -264,7 +265,7 @@ def test_a_fork_uses_every_seam_without_globals(demo, tmp_path, monkeypatch, cap
               "--latents", str(K), "--global-batch", "2", "--epochs", "2", "--log-every", "100",
               "--mask", "active_latents", "--lr", "1e-12"]
     with pytest.raises(SystemExit):
-        train.main(["--stage", "1", *common, "--aux-weight", "-1"])
+        train.main(["--stage", "1", *common, "--aux-weight", "-1"], hooks=train.Hooks(flags=[aux_weight]))
     assert "--aux-weight -1.0: must be at least 0" in capsys.readouterr().err
     # the hooks: the loss gets the Run, the latent rows start from the first batch, a callback
     # sees every step -- all passed in, none set on a module
@@ -280,7 +281,7 @@ def test_a_fork_uses_every_seam_without_globals(demo, tmp_path, monkeypatch, cap
             m.latent_embeds.copy_(text.expand_as(m.latent_embeds))
         steps.append(("init", run.step, len(batch["input_ids"][0])))
 
-    hooks = train.Hooks(loss=loss, init_latents=init_latents,
+    hooks = train.Hooks(loss=loss, init_latents=init_latents, flags=[aux_weight],
                         on_step=[lambda run, rec: steps.append((rec["step"], round(run.progress, 2)))])
     train.main(["--stage", "1", *common, "--aux-weight", "0.5", "--max-steps", "2"], hooks=hooks)
     assert steps[0][:2] == ("init", 0) and steps[1:] == [(1, 0.25), (2, 0.5)]

@@ -4,26 +4,43 @@ import pytest
 import torch
 
 import masks
-from masks import ANSWER, IMAGE, LATENT, TEXT
+from masks import ANSWER, IMAGE, LATENT, SYSTEM, TEXT
+
+
+def answer_side(kinds, segments):
+    """The positions whose output is an answer token, one at a time: the next token of the same
+    sample is ANSWER, or the position ends a sample that holds no ANSWER token (a prompt)."""
+    L = len(kinds)
+    side = []
+    for i in range(L):
+        same_next = i + 1 < L and segments[i + 1] == segments[i]
+        has_answer = any(kinds[j] == ANSWER for j in range(L) if segments[j] == segments[i])
+        side.append((same_next and kinds[i + 1] == ANSWER) or (not same_next and not has_answer))
+    return side
 
 
 def reference(kinds, stage, segments):
-    """The paper's rule (masks.py's docstring), one edge at a time."""
+    """The rules as masks.py's docstring states them, one edge at a time."""
     L = len(kinds)
+    side = answer_side(kinds, segments)
     out = torch.zeros(L, L, dtype=torch.bool)
     for i in range(L):
         for j in range(L):
             ok = j <= i and segments[i] == segments[j]
-            if stage in (1, "bottleneck") and kinds[j] == IMAGE and kinds[i] not in (IMAGE, LATENT):
+            image_key, diagonal = kinds[j] == IMAGE, i == j
+            if stage in (1, "bottleneck", "latents_image_only") and image_key and not diagonal and (
+                    kinds[i] not in (IMAGE, LATENT) or side[i]):
                 ok = False
-            if stage == "answer_only" and kinds[j] == IMAGE and kinds[i] == ANSWER:
+            if stage == "answer_only" and image_key and side[i] and not diagonal:
+                ok = False
+            if stage == "latents_image_only" and kinds[i] == LATENT and kinds[j] in (TEXT, SYSTEM) and not diagonal:
                 ok = False
             out[i, j] = ok
     return out
 
 
 def random_sequence(g, L, n_segments):
-    kinds = torch.randint(0, 4, (L,), generator=g)
+    kinds = torch.randint(0, 5, (L,), generator=g)
     cuts = torch.sort(torch.randint(0, L, (n_segments - 1,), generator=g)).values
     segments = torch.zeros(L, dtype=torch.long)
     for c in cuts:
@@ -31,7 +48,7 @@ def random_sequence(g, L, n_segments):
     return kinds, segments
 
 
-@pytest.mark.parametrize("stage", [1, 2, "bottleneck", "causal", "answer_only"])
+@pytest.mark.parametrize("stage", [1, 2, "bottleneck", "causal", "answer_only", "latents_image_only"])
 def test_rules_on_random_sequences(stage):
     g = torch.Generator().manual_seed(0)
     for trial in range(30):
@@ -53,20 +70,34 @@ def test_batched_equals_rowwise():
 
 
 def test_bottleneck_properties():
-    """Answer and prompt never see the image; latents see everything before them; image
-    tokens are plain causal; the diagonal is always there (no empty rows)."""
+    """No query on the answer side, and no prompt query, sees the image; latents and image tokens
+    off the answer side see everything before them; the diagonal is always there (no empty rows)."""
     g = torch.Generator().manual_seed(2)
     for _ in range(20):
         kinds, segments = random_sequence(g, 20, 1)
         m = masks.build_mask(kinds, 1)
         image = kinds == IMAGE
-        blind = (kinds == TEXT) | (kinds == ANSWER)
-        assert not m[blind][:, image].any()
+        side = masks.Context(kinds).answer_side
+        blind = (kinds == TEXT) | (kinds == ANSWER) | (kinds == SYSTEM) | side
+        assert not (m[blind][:, image] & ~torch.eye(20, dtype=torch.bool)[blind][:, image]).any()
         causal = torch.ones(20, 20, dtype=torch.bool).tril()
-        assert torch.equal(m[kinds == LATENT], causal[kinds == LATENT])
-        assert torch.equal(m[image], causal[image])
+        keep = ((kinds == LATENT) | image) & ~side
+        assert torch.equal(m[keep], causal[keep])
         assert m.diagonal().all()
         assert torch.equal(masks.build_mask(kinds, 2), causal)
+
+
+def test_the_answer_side_is_where_the_answer_is_predicted():
+    """A training sequence: the last prompt position through the answer's last-but-one; a
+    prompt awaiting its answer: its last position; packed samples each their own."""
+    s, t, I, L, a = SYSTEM, TEXT, IMAGE, LATENT, ANSWER
+    seq = torch.tensor([s, I, I, t, L, L, t, t, a, a])
+    assert masks.Context(seq).answer_side.nonzero().flatten().tolist() == [7, 8]
+    prompt = seq[:8]
+    assert masks.Context(prompt).answer_side.nonzero().flatten().tolist() == [7]
+    packed = torch.cat([seq, prompt, seq])
+    segments = torch.tensor([1] * 10 + [2] * 8 + [3] * 10)
+    assert masks.Context(packed, segments).answer_side.nonzero().flatten().tolist() == [7, 8, 17, 25, 26]
 
 
 def test_unknown_stage():
@@ -75,9 +106,9 @@ def test_unknown_stage():
 
 
 def test_draw_shows_the_grid():
-    kinds = torch.tensor([TEXT, IMAGE, LATENT, ANSWER])
+    kinds = torch.tensor([TEXT, IMAGE, LATENT, TEXT, ANSWER])
     art = masks.draw(kinds, masks.build_mask(kinds, 1))
-    assert art.splitlines() == ["   tILa", "t  #...", "I  ##..", "L  ###.", "a  #.##"]
+    assert art.splitlines() == ["   tILta", "t  #....", "I  ##...", "L  ###..", "t  #.##.", "a  #.###"]
 
 
 def test_rules_are_registered_once_and_generated_tokens_follow_the_rule():

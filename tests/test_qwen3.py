@@ -397,7 +397,7 @@ def test_train_both_stages_and_evaluate(base3, tmp_path):
               "--run-dir", str(tmp_path), "--batch-size", "2", "--global-batch", "4",
               "--log-every", "100", "--epochs", "1", "--latents", "4", "--max-steps", "2"]
     train.main(common + ["--stage", "1"])
-    os.replace(tmp_path / "stage1" / "last", tmp_path / "stage1" / "final")
+    os.replace(tmp_path / "stage1" / "last", tmp_path / "stage1" / "end")   # as if stage 1 had ended
     train.main(common + ["--stage", "2"])
     m, meta = checkpoint.load_livr(str(tmp_path / "stage2" / "last"))
     assert m.cfg.qwen3 and meta["stage"] == 2 and m.num_latents == 4

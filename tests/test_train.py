@@ -147,9 +147,9 @@ def test_kill_and_resume_reproduces_losses(demo, tmp_path, workers):
 def test_stage_two_starts_from_stage_one(demo, tmp_path):
     common = ["--epochs", "1", "--latents", "4", "--max-steps", "1"]
     train.main(args(demo, tmp_path, "--stage", "1", *common))
-    os.replace(tmp_path / "stage1" / "last", tmp_path / "stage1" / "final")
+    os.replace(tmp_path / "stage1" / "last", tmp_path / "stage1" / "end")   # as if stage 1 had ended
     train.main(args(demo, tmp_path, "--stage", "2", *common))
-    m1, _ = checkpoint.load_livr(str(tmp_path / "stage1" / "final"))
+    m1, _ = checkpoint.load_livr(str(tmp_path / "stage1" / "end"))
     m2, meta = checkpoint.load_livr(str(tmp_path / "stage2" / "last"))
     assert meta["stage"] == 2 and meta["mask"] == "causal"
     assert not torch.equal(m1.latent_embeds, m2.latent_embeds)

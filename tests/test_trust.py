@@ -462,7 +462,7 @@ def test_convert_blink_sanitises_paths(tmp_path):
 # --- 7. arguments -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flag, value", [
-    ("--lr", "0"), ("--epochs", "0"), ("--batch-size", "0"), ("--global-batch", "0"),
+    ("--lr", "0"), ("--epochs", "-1"), ("--batch-size", "0"), ("--global-batch", "0"),
     ("--save-every", "0"), ("--log-every", "0"), ("--latents", "-1"), ("--lr", "nan"),
     ("--lora-rank", "0"), ("--lora-dropout", "1"), ("--warmup", "-0.1"), ("--clip", "0"),
     ("--max-len", "0"), ("--epochs", "inf"),
