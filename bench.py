@@ -191,7 +191,7 @@ def blink_like_samples(cfg, n, px, prompt, seed=0):
 
 
 def trim(packed, multiple=64):
-    """A data.pack row cut after its last sample, rounded up to a multiple of 64 tokens: the
+    """A batching.pack row cut after its last sample, rounded up to a multiple of 64 tokens: the
     budget bounds a micro-batch, the tokens computed are the ones it holds."""
     n = int((packed["segment_ids"] > 0).sum(1).max())
     L = min(packed["input_ids"].shape[1], -(-n // multiple) * multiple)
@@ -618,7 +618,7 @@ def decode_weight_bytes(m):
 # 4. Packing: only sequence lengths matter, so no pixels are decoded
 
 def length_only(n_tokens):
-    """An encode()-shaped record of n_tokens real tokens and no pixels, for data.pack/collate."""
+    """An encode()-shaped record of n_tokens real tokens and no pixels, for batching.pack/collate."""
     z = torch.zeros(n_tokens, dtype=torch.long)
     return dict(input_ids=z, labels=z - 100, kinds=z, pixel_values=torch.zeros(0, 1176),
                 image_grid_thw=torch.zeros(0, 3, dtype=torch.long))

@@ -172,7 +172,7 @@ def write_configs(m, base, out, processor, num_latents, first, dtype):
     config["torch_dtype"] = name                          # transformers 4.x
     if "dtype" in config:
         config["dtype"] = name                            # transformers 5
-    # read back by model.load_livr (K = 0: a Direct SFT run; it also marks OUT as an export)
+    # read back by checkpoint.load_livr (K = 0: a Direct SFT run; it also marks OUT as an export)
     config["livr"] = {"num_latents": num_latents, "latent_token_id": first,
                       "latent_position": processor.latent_position}
     checkpoint.write_json(config, os.path.join(out, "config.json"))

@@ -97,7 +97,7 @@ class VisionConfig:
 @dataclass
 class Layout:
     """Where every patch sits in the padded window grid: built once per batch, on the host
-    (model.prepare_batch), or once per forward. A plain class, not a tuple: torch.compile
+    (batching.prepare_batch), or once per forward. A plain class, not a tuple: torch.compile
     (model.compile_blocks) guards only on the fields a compiled block reads, not on `images`."""
     src: torch.Tensor          # [S] patch feeding each slot (empty slots: any patch of the same frame)
     pos: torch.Tensor          # [S, 2] (row, col) of the slot's patch in its image
