@@ -22,6 +22,7 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
+import checks
 import masks
 import model
 from model import Config, Qwen25VL, TextConfig
@@ -58,7 +59,6 @@ def config_from_dict(d):
         rope_theta=rope.get("rope_theta", t.get("rope_theta", 1e6)),
         mrope_section=list(rope.get("mrope_section", [16, 24, 24])),
         tie_word_embeddings=d.get("tie_word_embeddings", t.get("tie_word_embeddings", False)))
-    assert 2 * sum(text.mrope_section) == text.head_dim, "mrope_section must sum to head_dim/2"
     eos = t.get("eos_token_id", 151645)
     ids = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
                              "vision_end_token_id") if k in d}
@@ -86,7 +86,6 @@ def _qwen3_config_from_dict(d):
         explicit_head_dim=t.get("head_dim", 128))
     if t.get("hidden_act", "silu") != "silu":
         raise ValueError(f"text hidden_act {t['hidden_act']!r}: only silu is implemented")
-    assert len(text.mrope_section) == 3, "mrope_section must have 3 entries (T, H, W)"
     eos = t.get("eos_token_id", d.get("eos_token_id", 151645))
     ids = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
                              "vision_end_token_id") if k in d}
@@ -141,7 +140,7 @@ def read_json(file, what="file"):
             obj = json.load(f)
     except FileNotFoundError:
         raise
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:     # also a 5000-digit number
         raise CheckpointError(f"{file}: not a valid JSON {what} ({e})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{file}: expected a JSON object, got {type(obj).__name__}")
@@ -155,11 +154,15 @@ def read_config(path):
         raise FileNotFoundError(f"{path} has no config.json: not a Qwen2.5-VL/Qwen3-VL checkpoint directory")
     d = read_json(file, "config")
     try:
-        return config_from_dict(d)
+        cfg = config_from_dict(d)
     except KeyError as e:
         raise CheckpointError(f"{file}: missing key {e.args[0]!r}") from None
     except (TypeError, ValueError, AssertionError, AttributeError, ZeroDivisionError) as e:
         raise CheckpointError(f"{file}: malformed config ({type(e).__name__}: {e})") from None
+    problems = checks.config_problems(cfg)      # before a model of that shape is ever built
+    if problems:
+        raise CheckpointError(f"{file}: " + "; ".join(problems))
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,6 +280,8 @@ def load_pretrained(path_or_repo_id, dtype=torch.float32, device="cpu", num_late
                     errors.append(f"tensor {key!r} in {file} has shape {tuple(t.shape)}, "
                                   f"the config says {want}")
                     continue
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    errors.append(f"tensor {key!r} in {file} holds non-finite values")
                 state[key_map[key]] = t if dtype is None else t.to(dtype)
     if errors:
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
@@ -335,7 +340,10 @@ def write_json(obj, file):
 
 def remove_checkpoint_dir(path):
     """Remove a checkpoint directory, its completeness marker first: a kill midway leaves an
-    incomplete directory, never one that looks complete with tensors missing."""
+    incomplete directory, never one that looks complete with tensors missing. A symbolic link
+    is removed itself: what it points at is never touched."""
+    if os.path.islink(path):
+        return os.unlink(path)
     if os.path.isfile(os.path.join(path, "livr.json")):
         os.remove(os.path.join(path, "livr.json"))
     shutil.rmtree(path, ignore_errors=True)
@@ -356,6 +364,8 @@ def swap_in(tmp, out_dir):
     blocks the rename) and comes back if the second rename fails; a kill between the two renames
     leaves OUT.old, and recover_checkpoint takes it back."""
     old = out_dir + ".old"
+    if os.path.islink(out_dir):                     # replaced, never written through
+        os.unlink(out_dir)
     if os.path.exists(out_dir):
         remove_checkpoint_dir(old)                  # a killed save's leftover, never needed now
         if _exchange(tmp, out_dir):
@@ -424,6 +434,7 @@ def save_livr(m: Qwen25VL, out_dir, meta, state=None, extra=None):
     tensors for a .safetensors name, a JSON-able object for a .json name (never pickle).
     Written to OUT.tmp with livr.json last -- its presence marks the directory complete -- then
     swapped in (swap_in), so a kill at any point leaves a complete checkpoint to recover."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     if m is not None:
         meta = {**meta, "num_latents": m.num_latents, "latent_token_id": m.latent_token_id}
@@ -433,16 +444,16 @@ def save_livr(m: Qwen25VL, out_dir, meta, state=None, extra=None):
     tmp = out_dir + ".tmp"
     remove_checkpoint_dir(tmp)
     os.makedirs(tmp)
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()},
-              os.path.join(tmp, "weights.safetensors"))
-    for name, obj in (extra or {}).items():
-        if name.endswith(".safetensors"):
-            save_file(obj, os.path.join(tmp, name))
-        elif name.endswith(".json"):
-            write_json(obj, os.path.join(tmp, name))
-        else:
-            raise ValueError(f"save_livr: {name}: extra files are .safetensors or .json")
-    write_json(meta, os.path.join(tmp, "livr.json"))         # last: the completeness marker
+    try:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()},
+                  os.path.join(tmp, "weights.safetensors"))
+        for name, obj in (extra or {}).items():
+            assert name.endswith((".safetensors", ".json")), f"save_livr: {name}: not .safetensors or .json"
+            (save_file if name.endswith(".safetensors") else write_json)(obj, os.path.join(tmp, name))
+        write_json(meta, os.path.join(tmp, "livr.json"))         # last: the completeness marker
+    except (OSError, SafetensorError) as e:      # a full disk: the old checkpoint stays as it was
+        remove_checkpoint_dir(tmp)
+        raise OSError(f"{tmp}: cannot write the checkpoint ({e}); {out_dir} is as it was") from None
     swap_in(tmp, out_dir)
 
 
@@ -479,10 +490,11 @@ def check_state(weights, params, required, source):
                               + "\n  ".join(errors[:20]) + more)
 
 
-def load_livr(path, dtype=torch.float32, device="cpu", merge=False):
+def load_livr(path, dtype=torch.float32, device="cpu", merge=False, base=None):
     """A checkpoint from train.py (livr.json + weights.safetensors), or a plain hub checkpoint
     (zero-shot, or a LIVR model written by export.py). Returns (model, meta). Complete or an
-    error: every missing, unknown or mis-shaped tensor is named (CheckpointError)."""
+    error: every missing, unknown or mis-shaped tensor is named (CheckpointError); the base it
+    loads under the weights is the one they were trained on (checks.trained_base; `base`: a copy)."""
     meta_file = os.path.join(path, "livr.json")
     if not os.path.exists(meta_file):
         m = load_pretrained(path, dtype=dtype, device=device)
@@ -500,16 +512,10 @@ def load_livr(path, dtype=torch.float32, device="cpu", merge=False):
     missing = [k for k in ("base", "num_latents", "latent_token_id") if k not in meta]
     if missing:
         raise CheckpointError(f"{meta_file}: missing key {missing[0]!r}")
-    if not isinstance(meta["num_latents"], int) or meta["num_latents"] < 0:
-        raise CheckpointError(f"{meta_file}: num_latents must be a whole number >= 0, "
-                              f"not {meta['num_latents']!r}")
-    m = load_pretrained(meta["base"], dtype=dtype, device=device,
+    m = load_pretrained(checks.trained_base(meta, meta_file, base), dtype=dtype, device=device,
                         num_latents=meta["num_latents"], latent_token_id=meta["latent_token_id"])
     if meta.get("lora"):
-        lora = meta["lora"]
-        if not isinstance(lora, dict) or set(lora) - {"rank", "alpha", "dropout"}:
-            raise CheckpointError(f"{meta_file}: \"lora\" must be {{rank, alpha, dropout}}, not {lora!r}")
-        model.add_lora(m, **lora)
+        model.add_lora(m, **meta["lora"])
     weights_file = os.path.join(path, "weights.safetensors")
     weights = read_safetensors(weights_file, device)
     params = dict(m.named_parameters())
@@ -616,12 +622,17 @@ def save_trainer_checkpoint(path, meta, weights, trainer):
     save_livr(None, path, meta, state=weights, extra={"trainer.safetensors": tensors, "trainer.json": tree})
 
 
-def read_trainer_json(path):
-    """path/trainer.json as a dict ({} for a checkpoint without one)."""
+def read_trainer_json(path, resume=False):
+    """path/trainer.json as a dict ({} for a checkpoint without one), its values checked
+    (checks.trainer_problems; resume=True: all that --resume reads)."""
     file = os.path.join(path, "trainer.json")
     if not os.path.exists(file):
         return {}
-    return read_json(file, "trainer state")
+    tree = read_json(file, "trainer state")
+    problems = checks.trainer_problems(tree, resume)
+    if problems:
+        raise CheckpointError(f"{file}: " + "; ".join(problems))
+    return tree
 
 
 def read_trainer_state(path):
@@ -633,12 +644,13 @@ def read_trainer_state(path):
                                   "loaded and is not read: this checkpoint is from an older train.py. "
                                   "Start the stage again, or pass its weights to stage 2 with --init")
         raise CheckpointError(f"{path} has no trainer.json: not a resumable checkpoint")
-    tree = read_json(os.path.join(path, "trainer.json"), "trainer state")
-    tensors = read_safetensors(os.path.join(path, "trainer.safetensors"))
-    state = state_from_files(tree, tensors, path)
-    missing = [k for k in ("step", "best", "optimizer", "scheduler", "rng") if k not in state]
+    tree = read_trainer_json(path)
+    missing = [k for k in ("step", "best", "optimizer", "scheduler", "rng") if k not in tree]
     if missing:
         raise CheckpointError(f"{path}/trainer.json: missing key {missing[0]!r}")
+    state = state_from_files(tree, read_safetensors(os.path.join(path, "trainer.safetensors")), path)
+    if not all_finite(state["optimizer"]):
+        raise CheckpointError(f"{path}/trainer.safetensors: the optimizer state holds non-finite values")
     return state
 
 
