@@ -46,8 +46,10 @@ import torch.nn.functional as F
 
 import batching
 import checkpoint
+import checks
 import data
 import demo
+import faults
 import masks
 import model
 import rundir
@@ -105,7 +107,8 @@ def run(args, rank, world, device, log, hooks=None):
     params = [p for p in m.parameters() if p.requires_grad]
     opt, sched, total_steps, steps_per_epoch = build_optimizer(args, params, len(train_records))
     r.total_steps = total_steps
-    meta = {"base": os.path.abspath(base), "stage": args.stage, "mask": mask_mode,
+    meta = {"base": os.path.abspath(base), "base_fingerprint": checks.base_fingerprint(base),
+            "stage": args.stage, "mask": mask_mode,
             "num_latents": args.latents, "latent_token_id": processor.latent_token_id,
             "train": args.train, "lora": None if args.train == "full" else
             {"rank": args.lora_rank, "alpha": args.lora_alpha, "dropout": args.lora_dropout}}
@@ -114,6 +117,7 @@ def run(args, rank, world, device, log, hooks=None):
         rundir.check_resume_data(checkpoint.read_trainer_json(os.path.join(stage_dir, "last")).get("data"),
                                  data_id, os.path.join(stage_dir, "last"), args.data)
     step, best = start_or_resume(args, m, opt, sched, stage_dir, rank, device, log)
+    rundir.check_resumed_step(step, total_steps, os.path.join(stage_dir, "last"))
     train_batches, val_batches = build_loaders(args, m, processor, train_records, val_records,
                                                step, total_steps, compute_dtype, rank, world, device)
     n_params = sum(p.numel() for p in params)
@@ -124,10 +128,11 @@ def run(args, rank, world, device, log, hooks=None):
         f"{args.global_batch}, {packing} | {world} x {device.type} | lr {args.lr:g}")
     metrics = os.path.join(stage_dir, "metrics.jsonl")
 
-    # checkpoints this run can name as finite (none is ever saved otherwise), newest last
-    saved = [init] if init else []
+    # checkpoints this run can name as good after a divergence (never saved non-finite)
+    saved = rundir.Checkpoints(m.cfg.text.vocab_size, [(init, 0)] if init else [], metrics)
+    last = os.path.join(stage_dir, "last")
     if args.resume:
-        saved.append(os.path.join(stage_dir, "last"))
+        saved.add(last, step)
 
     def record(rec):                 # one line of metrics.jsonl, then the fork's callbacks
         if rank == 0:
@@ -136,12 +141,16 @@ def run(args, rank, world, device, log, hooks=None):
         for fn in hooks.on_step:
             fn(r, rec)
 
-    def save(name):
+    def save(name, final=False):
+        if not saved.may_save():     # the loss is diverging: keep the checkpoint from before
+            if final:
+                raise RunError(f"{saved.refusal(name)} Try a lower --lr.")
+            return log(saved.refusal(name))
         save_checkpoint(os.path.join(stage_dir, name), m, opt, sched, meta,
                         {"step": step, "best": best, "args": vars(args),
                          "hparams": rundir.hparams(args, mask_mode, *resume_flags()), "data": data_id},
                         rank, device)
-        saved.append(os.path.join(stage_dir, name))
+        saved.add(os.path.join(stage_dir, name), step)
 
     def evaluate_and_keep_best():
         nonlocal best
@@ -160,13 +169,16 @@ def run(args, rank, world, device, log, hooks=None):
     t0, tokens_seen, start_step = time.time(), 0, step
     bad_steps = 0                    # consecutive non-finite steps
     steps = iter(train_batches)      # the global batch of each step: a seeded permutation per epoch
+    gate = faults.StepGate(rank, world, last)   # a signal or a fault on any rank stops every rank here
     while step < total_steps:
         r.step = step
-        micro = next(steps)          # this rank's share of the step, as micro-batches on the host
+        # this rank's share of the step, as micro-batches on the host
+        micro = gate.next(steps, step, lambda: save("last"), lambda: saved.step_of(last))
         loss, tokens = accumulate(m, micro, r, hooks.loss or compute_loss, autocast, device)
         tokens_seen += tokens
         norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
         loss, grad_norm = read_scalars(loss, norm)     # the step's one wait on the device
+        saved.observe(step + 1, loss)
         lr = sched.get_last_lr()[0]
         # loss is all-reduced and the norm is over the full (reduced) gradient, so every rank
         # takes the same decision here
@@ -179,7 +191,7 @@ def run(args, rank, world, device, log, hooks=None):
             log(skip_message(step, loss, grad_norm, saved))
             if bad_steps >= MAX_BAD_STEPS:
                 raise RunError(f"{bad_steps} non-finite steps in a row (last at step {step + 1}): "
-                               f"stopping. {finite_checkpoint_note(saved)} Try a lower --lr.")
+                               f"stopping. {saved.note(stopping=True)} Try a lower --lr.")
         opt.zero_grad(set_to_none=True)  # a skipped step applies nothing
         sched.step()                     # the schedule and sample order go on as if stepped
         step = r.step = step + 1
@@ -195,7 +207,7 @@ def run(args, rank, world, device, log, hooks=None):
             evaluate_and_keep_best()
         stop_early = args.max_steps and step >= start_step + args.max_steps and step < total_steps
         if step % args.save_every == 0 or step == total_steps or stop_early:
-            save("last")
+            save("last", final=step == total_steps or stop_early)
         if stop_early:   # on the last step the stage ends normally instead, writing `final`
             log(f"stopping after --max-steps {args.max_steps}; --resume continues from step {step}")
             return
@@ -246,9 +258,8 @@ def read_scalars(*xs):
 
 
 def finite_checkpoint_note(saved):
-    if saved:
-        return f"The last checkpoint, finite, is {saved[-1]}."
-    return "No checkpoint was saved in this stage yet."
+    """The newest checkpoint from before the loss left its range (rundir.Checkpoints)."""
+    return saved.note()
 
 
 def skip_message(step, loss, grad_norm, saved):
@@ -361,8 +372,10 @@ def settle_run(args, rank, world, device, log):
                        f"--batch-size {args.batch_size} x {world} processes")
     stage_dir = os.path.join(args.run_dir, f"stage{args.stage}")
     init = rundir.stage_one_checkpoint(args.run_dir, args.init, rank) if args.stage == 2 else None
+    if init:                          # stage 2 trains on the base stage 1 trained on
+        base = rundir.trained_base(init, None if is_demo else base)
     if args.resume:
-        last = rundir.resumable(stage_dir, rank)
+        last = rundir.resumable(stage_dir, rank, base)
         rundir.check_resume(rundir.read_hparams(last), rundir.hparams(args, mask_mode, *resume_flags()),
                             last, log, *resume_flags())
     return base, init, stage_dir, mask_mode
@@ -390,7 +403,7 @@ def read_data(args, base, rank):
 def build_model(args, stage_init, base, processor, device):
     """The base model + latent rows + LoRA (or all LM weights) trainable; the rest frozen."""
     if stage_init:
-        m, meta = checkpoint.load_livr(stage_init, device="cpu")     # complete or CheckpointError
+        m, meta = checkpoint.load_livr(stage_init, device="cpu", base=base)   # complete or CheckpointError
         if m.num_latents != args.latents:
             raise RunError(f"{stage_init} has {m.num_latents} latent tokens but --latents is "
                            f"{args.latents}: pass --latents {m.num_latents}")
@@ -483,12 +496,13 @@ def build_loaders(args, m, processor, train_records, val_records, step, total_st
     on_gpu = device.type == "cuda"
     prepare = functools.partial(batching.prepare_batch, cfg=m.cfg)
     train_batches = batching.loader(
-        batching.EncodedRecords(train_records, processor),
+        batching.EncodedRecords(train_records, processor, max_len=args.max_len),
         batching.StepSampler(len(train_records), args.global_batch, rank, world, args.seed, step, total_steps),
         batching.StepBatches(processor.pad_id, args.micro_batch_tokens, args.batch_size, compute_dtype, prepare),
         args.workers, pin_memory=on_gpu)
     val_batches = batching.loader(
-        batching.EncodedRecords(val_records, processor), batching.RankShard(len(val_records), rank, world, 8),
+        batching.EncodedRecords(val_records, processor, max_len=args.max_len),
+        batching.RankShard(len(val_records), rank, world, 8),
         batching.ValBatches(processor.pad_id, pixel_dtype=compute_dtype, prepare=prepare),
         args.workers, pin_memory=on_gpu) if val_records else None
     return train_batches, val_batches
@@ -593,6 +607,9 @@ FLAGS = [
          "resume is refused; --lr, --weight-decay and --clip may change and are applied from the "
          "resumed step on (the new peak --lr under the same schedule), and the log says so"),
     flag("--max-steps", low=0, type=int, default=0, help="stop after N optimizer steps (debug)"),
+    flag("--collective-timeout", low=0, low_ok=False, type=float, default=1800,
+         help="seconds a process waits for the others in a collective before it stops with an "
+              "error naming the stall (a process stopped, hung or far slower)"),
     flag("--dtype", choices=["bf16", "fp32"], help="compute dtype (default: bf16 on GPU, fp32 on CPU)"),
     flag("--activation-checkpointing", action="store_true",
          help="recompute each decoder block in backward to save memory"),
@@ -648,17 +665,24 @@ def check_args(args):
 
 
 def main(argv=None, hooks=None):
+    """Exit codes: 0 done, 2 an error (one line `error: ...` from the process that met it),
+    128 + the signal's number (143 SIGTERM, 130 SIGINT) when a signal stopped the run after
+    saving `last` (faults.py)."""
+    faults.safe_output()          # paths and task names never reach the terminal raw
     args = parse_args(argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(args.collective_timeout)
+    faults.COLLECTIVE_TIMEOUT[0] = args.collective_timeout
     log = print if rank == 0 else (lambda *a, **k: None)
     try:
-        run(args, rank, world, device, log, hooks)
-    except (RunError, data.DataError, checkpoint.CheckpointError, OSError) as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
+        with faults.signals(), rundir.StageClaim(args.run_dir, args.stage, args.resume, rank):
+            run(args, rank, world, device, log, hooks)
+    except (Exception, faults.Stopped) as e:
+        code = faults.report(e, rank, world, (RunError, data.DataError, checkpoint.CheckpointError, OSError))
+        if code is None:
+            raise                 # a bug: its traceback
         if dist.is_initialized():
-            leave(2)              # an error need not reach every rank: no barrier to meet at
-        sys.exit(2)
+            leave(code)           # an error need not reach every rank: no barrier to meet at
+        sys.exit(code)
     if dist.is_initialized():
         dist.barrier()            # rank 0 may still be writing `final`: leave together
         leave(0)
