@@ -16,8 +16,8 @@ first step starts at once. Each rank reads only its own share of every batch.
 A record that fails to encode (an image gone, truncated or enlarged since the up-front check)
 is one data.DataError naming the record (file:line) and the image, in whichever process saw it:
 a worker sends it back as a faults.Fault (an exception raised there would arrive wrapped in its
-traceback), and loader() raises it in the main process. Workers ignore SIGINT and SIGTERM: the
-main process decides when to stop (faults.py), and they end with it.
+traceback), and loader() raises it in the main process. Workers leave SIGINT and SIGTERM to the
+main process, which decides when to stop (faults.py; ignore_stop_signals).
 """
 import math
 import os
@@ -386,7 +386,10 @@ class Batches:
 
 
 def ignore_stop_signals(worker_id):
-    """A worker leaves SIGINT (a terminal's Ctrl-C reaches every process) and SIGTERM to the main
-    process, which finishes its step first: a worker ended by one would end the step with it."""
+    """A worker leaves the stop to the main process, which finishes its step first: it ignores
+    SIGINT (a terminal's Ctrl-C reaches every process), and on SIGTERM (a scheduler's reaches
+    every process too; multiprocessing's terminate() sends one) it exits quietly with status 0 --
+    a worker killed by a signal would make torch raise in the main process mid-step, and one
+    that ignored SIGTERM could never be terminated."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))

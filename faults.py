@@ -125,10 +125,8 @@ class StepGate:
         """The step's batch from `batches` (an iterator), once every rank agrees to go on.
         `saved_step()`: the step `last` holds now (save() is skipped when it is `step`)."""
         fault, batch = None, None
-        try:
-            batch = next(batches)
-            if isinstance(batch, Fault):
-                fault = batch.error()
+        try:                             # after a signal, no batch: its workers may be gone
+            batch = None if STATE.received else next(batches)
         except Exception as e:           # a decode error, a DataLoader worker killed
             fault = e
         flags = [0.0] * (2 * self.world)
@@ -156,7 +154,8 @@ class StepGate:
 class Fault:
     """What a DataLoader worker returns in place of a batch that failed: the message travels
     whole (an exception raised in a worker comes back wrapped in its traceback), and the main
-    process raises it as `kind` (a data.DataError) at the step's agreement."""
+    process raises it as `kind` (a data.DataError: batching.Batches does), so the step's
+    agreement sees it as this rank's fault."""
 
     def __init__(self, message, kind):
         self.message, self.kind = message, kind
