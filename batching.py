@@ -13,12 +13,21 @@ first step starts at once. Each rank reads only its own share of every batch.
     records --StepSampler--> this rank's record indices for one optimizer step
             --EncodedRecords (in a worker)--> encode() dicts
             --StepBatches (in the worker)--> the step's micro-batches, packed, ready for the device
+A record that fails to encode (an image gone, truncated or enlarged since the up-front check)
+is one data.DataError naming the record (file:line) and the image, in whichever process saw it:
+a worker sends it back as a faults.Fault (an exception raised there would arrive wrapped in its
+traceback), and loader() raises it in the main process. Workers leave SIGINT and SIGTERM to the
+main process, which decides when to stop (faults.py; ignore_stop_signals).
 """
 import math
 import os
+import signal
+import sys
 
 import torch
 
+import data
+import faults
 import masks
 import model
 from vision import window_layout
@@ -168,13 +177,17 @@ def to_device(batch, device):
 class EncodedRecords(torch.utils.data.Dataset):
     """dataset[j] = processor.encode(records[j % n]) plus "index" (j % n) and "weight": positions
     past the end (j >= n) repeat a record with weight 0, so evaluation shards can all have the same
-    length (see RankShard). keep_errors: a record that fails to encode comes back as
-    {"index", "weight", "error": "Type: message"} instead of raising, so it costs only itself.
-    transform: applied to each encode() dict (evaluate.py drops the latents with it)."""
+    length (see RankShard). A record that fails to encode, or (max_len) encodes longer than
+    max_len tokens, is a data.DataError naming it -- or, with keep_errors and in a worker process,
+    comes back as {"index", "weight", "error": message} instead, so it costs only itself (or
+    reaches the main process whole). transform: applied to each encode() dict (evaluate.py drops
+    the latents with it)."""
 
-    def __init__(self, records, processor, with_answer=True, keep_errors=False, transform=None):
+    def __init__(self, records, processor, with_answer=True, keep_errors=False, transform=None,
+                 max_len=None):
         self.records, self.processor = records, processor
         self.with_answer, self.keep_errors, self.transform = with_answer, keep_errors, transform
+        self.max_len = max_len
 
     def __len__(self):
         return len(self.records)
@@ -182,13 +195,39 @@ class EncodedRecords(torch.utils.data.Dataset):
     def __getitem__(self, j):
         i = j % len(self.records)
         info = {"index": i, "weight": float(j < len(self.records))}
+        record = self.records[i]
         try:
-            enc = self.processor.encode(self.records[i], self.with_answer)
-        except Exception as e:           # PIL raises many types for bad files
-            if not self.keep_errors:
-                raise
-            return {**info, "error": f"{type(e).__name__}: {e}"}
-        return {**(self.transform(enc) if self.transform else enc), **info}
+            enc = self.processor.encode(record, self.with_answer)
+            error = None
+            if self.max_len is not None and len(enc["input_ids"]) > self.max_len:
+                error = (f"{len(enc['input_ids'])} tokens, longer than --max-len {self.max_len} "
+                         "(were its images replaced since the check?)")
+        except data.ImageError as e:     # names the image file
+            error = str(e)
+        except Exception as e:           # PIL and the tokenizer raise many types
+            error = f"{type(e).__name__}: {e}"
+        if error is None:
+            return {**(self.transform(enc) if self.transform else enc), **info}
+        where = getattr(record, "where", "") or f"record {i}"
+        if self.keep_errors or in_worker():
+            return {**info, "error": error if self.keep_errors else f"{where}: {error}"}
+        raise data.DataError([], 0, where, f"{where}: {error}")
+
+
+def in_worker():
+    """True in a DataLoader worker process."""
+    return torch.utils.data.get_worker_info() is not None
+
+
+def refused(items):
+    """The first failed item's error, raised here or (in a worker) sent back as a faults.Fault;
+    None when every item encoded."""
+    error = next((e["error"] for e in items if "error" in e), None)
+    if error is None:
+        return None
+    if in_worker():
+        return faults.Fault(error, data.DataError)
+    raise data.DataError([], 0, "", error)
 
 
 class StepSampler(torch.utils.data.Sampler):
@@ -252,6 +291,9 @@ class StepBatches:
         self.pixel_dtype, self.prepare = pixel_dtype, prepare
 
     def __call__(self, items):
+        fault = refused(items)
+        if fault:
+            return fault
         if self.micro_batch_tokens:
             items = sorted(items, key=lambda e: -len(e["input_ids"]))
             # a multiple of 8, so that rounding a sequence up to one never passes the budget
@@ -273,6 +315,9 @@ class ValBatches(StepBatches):
     """collate_fn for RankShard batches: (padded batch, weights [B]) -- weight 0 marks repeats."""
 
     def __call__(self, items):
+        fault = refused(items)
+        if fault:
+            return fault
         weights = torch.tensor([e["weight"] for e in items])
         return self.finish(collate(items, self.pad_id)), weights
 
@@ -292,13 +337,59 @@ def default_workers(device, processes_per_machine=1):
     return min(4, max(1, cpus - 1)) if torch.device(device).type == "cuda" else 0
 
 
-def loader(dataset, batch_sampler, collate_fn, workers=0, pin_memory=False, ahead=4):
+def loader(dataset, batch_sampler, collate_fn, workers=0, pin_memory=False, ahead=4, on_worker_death="raise"):
     """A DataLoader over batch_sampler's batches: `workers` processes decode images and build
     batches ahead of the step, about `ahead` batches in all (each worker at least one): what a
     step's host memory is multiplied by, whatever the dataset's size. It draws its worker seeds
     from a generator of its own, never from the global RNG: training's dropout stream (restored
-    exactly on --resume) must not depend on when loaders are started."""
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn,
-                                       num_workers=workers, pin_memory=pin_memory,
-                                       prefetch_factor=max(1, -(-ahead // workers)) if workers else None,
-                                       persistent_workers=workers > 0, generator=torch.Generator())
+    exactly on --resume) must not depend on when loaders are started. A faults.Fault a worker
+    sends back is raised here, as the data.DataError it carries. on_worker_death "continue"
+    (evaluation): when a worker dies (killed, out of memory), say so on stderr and make the
+    remaining batches in this process, so no result is lost; "raise": torch's RuntimeError."""
+    return Batches(torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=workers,
+        pin_memory=pin_memory, prefetch_factor=max(1, -(-ahead // workers)) if workers else None,
+        persistent_workers=workers > 0, generator=torch.Generator(),
+        worker_init_fn=ignore_stop_signals if workers else None), on_worker_death == "continue")
+
+
+class Batches:
+    """A DataLoader whose faults.Fault items are raised as the errors they carry, and that can
+    go on in-process after a worker died (loader's on_worker_death)."""
+
+    def __init__(self, loader, go_on=False):
+        self.loader, self.go_on = loader, go_on
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        it, done, go_on = iter(self.loader), 0, self.go_on and self.loader.num_workers > 0
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                if not go_on or "DataLoader worker" not in str(e):
+                    raise
+                print(f"warning: {faults.worker_death(str(e)).split(': a process')[0]}: making the "
+                      "remaining batches in this process", file=sys.stderr, flush=True)
+                go_on, rest = False, list(self.loader.batch_sampler)[done:]
+                it = iter(torch.utils.data.DataLoader(self.loader.dataset, batch_sampler=rest,
+                                                      collate_fn=self.loader.collate_fn))
+                continue
+            done += 1
+            if isinstance(batch, faults.Fault):
+                raise batch.error()
+            yield batch
+
+
+def ignore_stop_signals(worker_id):
+    """A worker leaves the stop to the main process, which finishes its step first: it ignores
+    SIGINT (a terminal's Ctrl-C reaches every process), and on SIGTERM (a scheduler's reaches
+    every process too; multiprocessing's terminate() sends one) it exits quietly with status 0 --
+    a worker killed by a signal would make torch raise in the main process mid-step, and one
+    that ignored SIGTERM could never be terminated."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))

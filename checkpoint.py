@@ -22,6 +22,7 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
+import checks
 import masks
 import model
 from model import Config, Qwen25VL, TextConfig
@@ -58,7 +59,6 @@ def config_from_dict(d):
         rope_theta=rope.get("rope_theta", t.get("rope_theta", 1e6)),
         mrope_section=list(rope.get("mrope_section", [16, 24, 24])),
         tie_word_embeddings=d.get("tie_word_embeddings", t.get("tie_word_embeddings", False)))
-    assert 2 * sum(text.mrope_section) == text.head_dim, "mrope_section must sum to head_dim/2"
     eos = t.get("eos_token_id", 151645)
     ids = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
                              "vision_end_token_id") if k in d}
@@ -86,7 +86,6 @@ def _qwen3_config_from_dict(d):
         explicit_head_dim=t.get("head_dim", 128))
     if t.get("hidden_act", "silu") != "silu":
         raise ValueError(f"text hidden_act {t['hidden_act']!r}: only silu is implemented")
-    assert len(text.mrope_section) == 3, "mrope_section must have 3 entries (T, H, W)"
     eos = t.get("eos_token_id", d.get("eos_token_id", 151645))
     ids = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
                              "vision_end_token_id") if k in d}
@@ -141,7 +140,7 @@ def read_json(file, what="file"):
             obj = json.load(f)
     except FileNotFoundError:
         raise
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:     # also a 5000-digit number
         raise CheckpointError(f"{file}: not a valid JSON {what} ({e})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{file}: expected a JSON object, got {type(obj).__name__}")
@@ -155,11 +154,15 @@ def read_config(path):
         raise FileNotFoundError(f"{path} has no config.json: not a Qwen2.5-VL/Qwen3-VL checkpoint directory")
     d = read_json(file, "config")
     try:
-        return config_from_dict(d)
+        cfg = config_from_dict(d)
     except KeyError as e:
         raise CheckpointError(f"{file}: missing key {e.args[0]!r}") from None
     except (TypeError, ValueError, AssertionError, AttributeError, ZeroDivisionError) as e:
         raise CheckpointError(f"{file}: malformed config ({type(e).__name__}: {e})") from None
+    problems = checks.config_problems(cfg)      # before a model of that shape is ever built
+    if problems:
+        raise CheckpointError(f"{file}: " + "; ".join(problems))
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,6 +280,8 @@ def load_pretrained(path_or_repo_id, dtype=torch.float32, device="cpu", num_late
                     errors.append(f"tensor {key!r} in {file} has shape {tuple(t.shape)}, "
                                   f"the config says {want}")
                     continue
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    errors.append(f"tensor {key!r} in {file} holds non-finite values")
                 state[key_map[key]] = t if dtype is None else t.to(dtype)
     if errors:
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
@@ -335,7 +340,10 @@ def write_json(obj, file):
 
 def remove_checkpoint_dir(path):
     """Remove a checkpoint directory, its completeness marker first: a kill midway leaves an
-    incomplete directory, never one that looks complete with tensors missing."""
+    incomplete directory, never one that looks complete with tensors missing. A symbolic link
+    is removed itself: what it points at is never touched."""
+    if os.path.islink(path):
+        return os.unlink(path)
     if os.path.isfile(os.path.join(path, "livr.json")):
         os.remove(os.path.join(path, "livr.json"))
     shutil.rmtree(path, ignore_errors=True)
@@ -356,6 +364,8 @@ def swap_in(tmp, out_dir):
     blocks the rename) and comes back if the second rename fails; a kill between the two renames
     leaves OUT.old, and recover_checkpoint takes it back."""
     old = out_dir + ".old"
+    if os.path.islink(out_dir):                     # replaced, never written through
+        os.unlink(out_dir)
     if os.path.exists(out_dir):
         remove_checkpoint_dir(old)                  # a killed save's leftover, never needed now
         if _exchange(tmp, out_dir):
@@ -424,6 +434,7 @@ def save_livr(m: Qwen25VL, out_dir, meta, state=None, extra=None):
     tensors for a .safetensors name, a JSON-able object for a .json name (never pickle).
     Written to OUT.tmp with livr.json last -- its presence marks the directory complete -- then
     swapped in (swap_in), so a kill at any point leaves a complete checkpoint to recover."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     if m is not None:
         meta = {**meta, "num_latents": m.num_latents, "latent_token_id": m.latent_token_id,
@@ -434,16 +445,16 @@ def save_livr(m: Qwen25VL, out_dir, meta, state=None, extra=None):
     tmp = out_dir + ".tmp"
     remove_checkpoint_dir(tmp)
     os.makedirs(tmp)
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()},
-              os.path.join(tmp, "weights.safetensors"))
-    for name, obj in (extra or {}).items():
-        if name.endswith(".safetensors"):
-            save_file(obj, os.path.join(tmp, name))
-        elif name.endswith(".json"):
-            write_json(obj, os.path.join(tmp, name))
-        else:
-            raise ValueError(f"save_livr: {name}: extra files are .safetensors or .json")
-    write_json(meta, os.path.join(tmp, "livr.json"))         # last: the completeness marker
+    try:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()},
+                  os.path.join(tmp, "weights.safetensors"))
+        for name, obj in (extra or {}).items():
+            assert name.endswith((".safetensors", ".json")), f"save_livr: {name}: not .safetensors or .json"
+            (save_file if name.endswith(".safetensors") else write_json)(obj, os.path.join(tmp, name))
+        write_json(meta, os.path.join(tmp, "livr.json"))         # last: the completeness marker
+    except (OSError, SafetensorError) as e:      # a full disk: the old checkpoint stays as it was
+        remove_checkpoint_dir(tmp)
+        raise OSError(f"{tmp}: cannot write the checkpoint ({e}); {out_dir} is as it was") from None
     swap_in(tmp, out_dir)
 
 
@@ -480,25 +491,48 @@ def check_state(weights, params, required, source):
                               + "\n  ".join(errors[:20]) + more)
 
 
-def check_latent_layout(meta, source):
-    """livr.json's (or an export's "livr" section's) latent_position and shared_latent, when
-    there, are values this code knows: a CheckpointError otherwise."""
-    if meta.get("latent_position", "after") not in masks.LATENT_POSITIONS:
-        raise CheckpointError(f"{source}: latent_position must be one of {masks.LATENT_POSITIONS}, "
-                              f"not {meta['latent_position']!r}")
-    if not isinstance(meta.get("shared_latent", False), bool):
-        raise CheckpointError(f"{source}: shared_latent must be true or false, not {meta['shared_latent']!r}")
+def base_fingerprint(path):
+    """checks.fingerprint() of a base checkpoint directory (or hub id)'s safetensors files."""
+    try:
+        return checks.fingerprint(checkpoint_files(resolve(path)))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
-def load_livr(path, dtype=torch.float32, device="cpu", merge=False):
+def trained_base(meta, source, base=None):
+    """The base a LIVR checkpoint was trained on, checked before anything is built from it:
+    livr.json's numbers, the latent ids against the base's table and tokenizer, and the base's
+    fingerprint against the one recorded (older checkpoints record none). `base`: a copy of that
+    base elsewhere, used instead of the path livr.json names (its fingerprint must match).
+    Returns the base's path; a CheckpointError names what does not fit."""
+    problems = checks.livr_problems(meta)
+    if not problems:
+        path = resolve(base or meta["base"])
+        problems = (checks.livr_problems(meta, read_config(path).text.vocab_size) or
+                    checks.tokenizer_latent_problems(path, meta["num_latents"], meta["latent_token_id"]))
+    if problems:
+        raise CheckpointError(f"{source}: " + "; ".join(problems))
+    recorded = meta.get("base_fingerprint")
+    if recorded is not None and (now := base_fingerprint(path)) != recorded:
+        raise CheckpointError(
+            f"{source} was trained on a base whose weights have fingerprint {checks.short_fingerprint(recorded)}, "
+            f"but {path} has fingerprint {checks.short_fingerprint(now)}: other weights. Use the base it "
+            "was trained on")
+    return path
+
+
+def load_livr(path, dtype=torch.float32, device="cpu", merge=False, base=None):
     """A checkpoint from train.py (livr.json + weights.safetensors), or a plain hub checkpoint
     (zero-shot, or a LIVR model written by export.py). Returns (model, meta). Complete or an
-    error: every missing, unknown or mis-shaped tensor is named (CheckpointError)."""
+    error: every missing, unknown or mis-shaped tensor is named (CheckpointError); the base it
+    loads under the weights is the one they were trained on (trained_base; `base`: a copy)."""
     meta_file = os.path.join(path, "livr.json")
     if not os.path.exists(meta_file):
         m = load_pretrained(path, dtype=dtype, device=device)
         exported = read_json(os.path.join(resolve(path), "config.json"), "config").get("livr") or {}
-        check_latent_layout(exported, f"{path}/config.json")
+        layout = checks.livr_problems({"base": path, "num_latents": 0, **exported, "lora": None})
+        if layout:
+            raise CheckpointError(f"{path}/config.json: \"livr\": " + "; ".join(layout))
         if exported.get("num_latents"):
             k, first = exported["num_latents"], exported.get("latent_token_id")
             if not isinstance(k, int) or not isinstance(first, int) or not 0 <= first <= m.cfg.text.vocab_size - k:
@@ -512,17 +546,11 @@ def load_livr(path, dtype=torch.float32, device="cpu", merge=False):
     missing = [k for k in ("base", "num_latents", "latent_token_id") if k not in meta]
     if missing:
         raise CheckpointError(f"{meta_file}: missing key {missing[0]!r}")
-    if not isinstance(meta["num_latents"], int) or meta["num_latents"] < 0:
-        raise CheckpointError(f"{meta_file}: num_latents must be a whole number >= 0, "
-                              f"not {meta['num_latents']!r}")
-    check_latent_layout(meta, meta_file)
-    m = load_pretrained(meta["base"], dtype=dtype, device=device, num_latents=meta["num_latents"],
-                        latent_token_id=meta["latent_token_id"], shared_latent=meta.get("shared_latent", False))
+    m = load_pretrained(trained_base(meta, meta_file, base), dtype=dtype, device=device,
+                        num_latents=meta["num_latents"], latent_token_id=meta["latent_token_id"],
+                        shared_latent=meta.get("shared_latent", False))
     if meta.get("lora"):
-        lora = meta["lora"]
-        if not isinstance(lora, dict) or set(lora) - {"rank", "alpha", "dropout"}:
-            raise CheckpointError(f"{meta_file}: \"lora\" must be {{rank, alpha, dropout}}, not {lora!r}")
-        model.add_lora(m, **lora)
+        model.add_lora(m, **meta["lora"])
     weights_file = os.path.join(path, "weights.safetensors")
     weights = read_safetensors(weights_file, device)
     params = dict(m.named_parameters())
@@ -536,38 +564,8 @@ def load_livr(path, dtype=torch.float32, device="cpu", merge=False):
 
 
 # ----------------------------------------------------------------------------------------------
-# The trainer's state, for --resume: optimizer moments, scheduler, step, every rank's RNG
-
-def full_state(m, opt):
-    """Full (unsharded) trainable weights and optimizer state, on rank 0's host; other ranks get
-    empty ones. Under FSDP each tensor is gathered on its own and moved off the device before the
-    next, so a save needs one tensor's room on the GPU, not the whole state's (for a full
-    fine-tune of the 3B the state is ~36 GB)."""
-    if not dist.is_initialized():
-        return trainable_state(m), opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    names = {k for k, p in m.named_parameters() if p.requires_grad}
-    sd = get_model_state_dict(m, options=opts)
-    return {k: v for k, v in sd.items() if k in names}, get_optimizer_state_dict(m, opt, options=opts)
-
-
-def rng_state(device):
-    """This process's random state: torch CPU, CUDA (the device's generator draws the LoRA
-    dropout masks on a GPU) and python's `random`."""
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
-    return rng
-
-
-def set_rng_state(rng, device):
-    torch.set_rng_state(rng["torch"].cpu())
-    random.setstate(rng["python"])
-    if device.type == "cuda" and "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
-
+# The trainer's state, for --resume: optimizer moments, scheduler, step, every rank's RNG (what
+# a live run holds and how it goes back into one: rundir.py)
 
 def state_to_files(obj, tensors):
     """Split a nested state (dicts, lists, tuples, tensors, numbers, strings) into a JSON-able
@@ -629,12 +627,17 @@ def save_trainer_checkpoint(path, meta, weights, trainer):
     save_livr(None, path, meta, state=weights, extra={"trainer.safetensors": tensors, "trainer.json": tree})
 
 
-def read_trainer_json(path):
-    """path/trainer.json as a dict ({} for a checkpoint without one)."""
+def read_trainer_json(path, resume=False):
+    """path/trainer.json as a dict ({} for a checkpoint without one), its values checked
+    (checks.trainer_problems; resume=True: all that --resume reads)."""
     file = os.path.join(path, "trainer.json")
     if not os.path.exists(file):
         return {}
-    return read_json(file, "trainer state")
+    tree = read_json(file, "trainer state")
+    problems = checks.trainer_problems(tree, resume)
+    if problems:
+        raise CheckpointError(f"{file}: " + "; ".join(problems))
+    return tree
 
 
 def read_trainer_state(path):
@@ -646,49 +649,13 @@ def read_trainer_state(path):
                                   "loaded and is not read: this checkpoint is from an older train.py. "
                                   "Start the stage again, or pass its weights to stage 2 with --init")
         raise CheckpointError(f"{path} has no trainer.json: not a resumable checkpoint")
-    tree = read_json(os.path.join(path, "trainer.json"), "trainer state")
-    tensors = read_safetensors(os.path.join(path, "trainer.safetensors"))
-    state = state_from_files(tree, tensors, path)
-    missing = [k for k in ("step", "best", "optimizer", "scheduler", "rng") if k not in state]
+    tree = read_trainer_json(path)
+    missing = [k for k in ("step", "best", "optimizer", "scheduler", "rng") if k not in tree]
     if missing:
         raise CheckpointError(f"{path}/trainer.json: missing key {missing[0]!r}")
+    state = state_from_files(tree, read_safetensors(os.path.join(path, "trainer.safetensors")), path)
+    if not all_finite(state["optimizer"]):
+        raise CheckpointError(f"{path}/trainer.safetensors: the optimizer state holds non-finite values")
     return state
 
 
-def load_trainer_state(path, m, opt, sched, rank, device=torch.device("cpu")):
-    """Restore optimizer, scheduler and RNG from `path` (read_trainer_state). Tensors come back
-    on the CPU: opt.load_state_dict / set_optimizer_state_dict move each one to its parameter's
-    device (and shard it under FSDP); the step counters stay on the CPU as AdamW keeps them."""
-    state = read_trainer_state(path)
-    try:
-        if dist.is_initialized():
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-            set_optimizer_state_dict(m, opt, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        rng = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]
-        set_rng_state(rng, device)
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: the trainer state does not fit this run "
-                              f"({type(e).__name__}: {e})") from None
-    return state
-
-
-def restore_weights(m, path):
-    """The trainable weights of `path`, every one of them: a missing, unknown or mis-shaped
-    tensor is a CheckpointError that names it (DTensor shapes are the full ones)."""
-    file = os.path.join(path, "weights.safetensors")
-    weights = read_safetensors(file)
-    trainable = {k: p for k, p in m.named_parameters() if p.requires_grad}
-    check_state(weights, trainable, set(trainable), file)
-    if dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        # strict=False only because the frozen weights are not in the file (checked above)
-        set_model_state_dict(m, weights, options=StateDictOptions(full_state_dict=True, strict=False))
-    else:
-        params = dict(m.named_parameters())
-        with torch.no_grad():
-            for k, v in weights.items():
-                params[k].copy_(v)

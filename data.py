@@ -10,16 +10,11 @@ visual bottleneck:
     kinds:  system ..... text, image ...... text ...... latent ...... text ...... answer
             (masks.py's TEXT, IMAGE, LATENT, ANSWER, SYSTEM; the system turn ends at its "\\n")
 
-What it mirrors (transformers is the oracle in tests/, never imported here):
-  - preprocess_image   = Qwen2VLImageProcessorPil (smart_resize, PIL bicubic, rescale, normalize,
-                         patch flattening), to 1e-5 for any image size.
-  - Processor.encode   = Qwen2_5_VLProcessor + apply_chat_template with Qwen2.5-VL's chat template,
-                         token for token, plus the K latent tokens after the question (the paper's
-                         Q' = Q + L; masks.place_latents). For a Qwen3-VL checkpoint: its image
-                         settings (16-px patches, mean/std 0.5) and its chat template (no
-                         default system turn), equal to Qwen3VLProcessor.
-Batches are batching.py's; BLINK's parquet files convert with blink.py; the demo's tokenizer and
-synthetic tasks are demo.py's.
+It mirrors (transformers is the oracle in tests/, never imported here) Qwen2_5_VLProcessor +
+apply_chat_template, token for token, plus the K latent tokens after the question (the paper's
+Q' = Q + L; masks.place_latents), and Qwen3VLProcessor for a Qwen3-VL checkpoint (its image
+settings and chat template); images.py mirrors the image processor. Batches are batching.py's;
+BLINK converts with blink.py; the demo's tokenizer and synthetic tasks are demo.py's.
 
 Run:
     python data.py check data/train.jsonl --max-len 4096 --model runs/demo/base
@@ -40,8 +35,11 @@ import torch
 from PIL import Image
 from tokenizers import AddedToken, Tokenizer
 
+import faults
 import masks
-from images import ImageConfig, image_size, is_qwen3, preprocess_image, preprocess_np, smart_resize, to_rgb  # noqa: F401
+from images import (ImageConfig, ImageError, image_size, is_qwen3, preprocess_image, preprocess_np,  # noqa: F401
+                    smart_resize, to_rgb)
+from images import check_image as _check_image
 
 # ----------------------------------------------------------------------------------------------
 # Records
@@ -142,8 +140,8 @@ def read_records(path, image_root=None):
     if path.suffix == ".json":
         try:
             whole = json.loads(text)
-        except json.JSONDecodeError as e:
-            return [(f"{path}:{e.lineno}", None, f"not valid JSON ({e.msg})")]
+        except (ValueError, RecursionError) as e:         # also a number of 5000 digits
+            return [(f"{path}:{getattr(e, 'lineno', 1)}", None, f"not valid JSON ({getattr(e, 'msg', e)})")]
         if not isinstance(whole, list):
             return [(f"{path}:1", None, "expected a JSON list of records")]
         raw = list(_json_list_with_lines(text))
@@ -153,8 +151,8 @@ def read_records(path, image_root=None):
                 continue
             try:
                 raw.append((n, json.loads(line), None))
-            except json.JSONDecodeError as e:
-                raw.append((n, None, f"not valid JSON ({e.msg})"))
+            except (ValueError, RecursionError) as e:     # also a number of 5000 digits
+                raw.append((n, None, f"not valid JSON ({getattr(e, 'msg', e)})"))
     out = []
     for n, obj, err in raw:
         where = f"{path}:{n}"
@@ -190,7 +188,37 @@ def _paths(value, root):
     value = [value] if isinstance(value, str) else value
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError("images must be a list of paths")
+    for v in value:
+        _utf8(v, "image path")
     return [str(root / v) for v in value]
+
+
+MAX_CHOICES = 26                  # options are lettered A..Z
+
+
+def _utf8(text, field):
+    """`text` unless it holds a lone surrogate (JSON allows "\ud800"; no tokenizer, file or
+    terminal does): ValueError naming the field."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the {field} is not valid text (a lone surrogate {text[e.start]!r} at "
+                         f"character {e.start})") from None
+    return text
+
+
+def _answer(value):
+    """A record's answer as text: a string, or a finite JSON number ("answer": 7); anything else
+    (a list, true, NaN, an object) is a ValueError."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return _utf8(value, "answer")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not np.isfinite(value):
+            raise ValueError(f"answer {value} is not a finite number")
+        return str(int(value) if isinstance(value, float) and value.is_integer() else value)
+    raise ValueError(f"answer must be a string (an option letter) or a number, not {json.dumps(value)[:40]}")
 
 
 def _our_sample(d, root):
@@ -201,9 +229,17 @@ def _our_sample(d, root):
     if choices is not None and (not isinstance(choices, list) or len(choices) < 2
                                 or not all(isinstance(c, str) for c in choices)):
         raise ValueError("choices must be a list of at least 2 strings")
-    answer = d.get("answer")
+    if choices is not None and len(choices) > MAX_CHOICES:
+        raise ValueError(f"{len(choices)} choices: at most {MAX_CHOICES}, lettered A to Z")
+    if d.get("prompt") is not None and not isinstance(d["prompt"], str):
+        raise ValueError("prompt must be a string")
+    for field in ("question", "prompt", "task", "id"):
+        if isinstance(d.get(field), str):
+            _utf8(d[field], field)
+    for c in choices or []:
+        _utf8(c, "choice")
     return Sample(images=_paths(d.get("images", d.get("image")), root), question=d["question"],
-                  answer=None if answer is None else str(answer), choices=choices or None,
+                  answer=_answer(d.get("answer")), choices=choices or None,
                   task=str(d.get("task", "")), prompt=d.get("prompt"), id=str(d.get("id", "")))
 
 
@@ -219,9 +255,10 @@ def _llava_sample(d, root):
     if roles[0] not in ("human", "user"):
         raise ValueError(f"first turn is from {roles[0]!r}, expected 'human'")
     answer = turns[1].get("value") if len(turns) == 2 and roles[1] in ("gpt", "assistant") else None
-    return Sample(images=_paths(d.get("image", d.get("images")), root), question=str(turns[0].get("value", "")),
-                  answer=None if answer is None else str(answer), task=str(d.get("task", "")),
-                  id=str(d.get("id", "")), llava=True)
+    question = _utf8(str(turns[0].get("value", "")), "question")
+    return Sample(images=_paths(d.get("image", d.get("images")), root), question=question,
+                  answer=_answer(answer), task=_utf8(str(d.get("task", "")), "task"),
+                  id=_utf8(str(d.get("id", "")), "id"), llava=True)
 
 
 def validate(sample, processor=None, max_len=None, checked_images=None):
@@ -253,26 +290,13 @@ def validate(sample, processor=None, max_len=None, checked_images=None):
                 checked_images[image] = _check_image(image)
             reasons += checked_images[image]
     if max_len is not None and processor is not None and not reasons:
-        n = processor.num_tokens(sample)
+        try:
+            n = processor.num_tokens(sample)
+        except ValueError as e:           # an image gone or changed since its check (ImageError)
+            return reasons + [str(e)]
         if n > max_len:
             reasons.append(f"{n} tokens, longer than --max-len {max_len}")
     return reasons
-
-
-def _check_image(path):
-    """Reasons an image file can't be used (empty = good). Decodes it fully: a truncated file
-    fails here, not mid-training."""
-    if not Path(path).is_file():
-        return [f"image not found: {path}"]
-    try:
-        with Image.open(path) as im:
-            im.load()
-            w, h = im.size
-    except Exception as e:                # PIL raises many types for corrupt files
-        return [f"unreadable image: {path} ({type(e).__name__}: {e})"]
-    if max(w, h) / min(w, h) > 200:       # smart_resize refuses these
-        return [f"image aspect ratio over 200: {path} ({w}x{h})"]
-    return []
 
 
 def check_file(path, processor=None, max_len=None, image_root=None, progress=None, threads=None):
@@ -611,6 +635,7 @@ def show(processor, sample, with_answer=True):
 # CLI
 
 def main(argv=None):
+    faults.safe_output()              # paths and task names never reach the terminal raw
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                  epilog=__doc__[__doc__.index("Run:"):],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -4,21 +4,31 @@ on one device, fp32 master weights under autocast), sums of host numbers across 
 how a distributed process ends. train.py calls these; nothing here knows about LIVR.
 """
 import contextlib
+import math
 import os
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 
-def setup_distributed():
+DEFAULT_TIMEOUT_S = 1800        # torch's own default: a save of a 3B full fine-tune fits in it
+
+
+def setup_distributed(timeout_s=None):
+    """(rank, world, device); under torchrun the process group, whose collectives give up after
+    `timeout_s` seconds (train.py's --collective-timeout; default and any unusable value:
+    DEFAULT_TIMEOUT_S) with an error faults.report names, instead of waiting on forever for a
+    stalled process. (Under NCCL the watchdog ends the process itself after that time.)"""
     if "RANK" not in os.environ:
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return 0, 1, dev
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":     # before the process group, so NCCL binds each rank to its own GPU
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
+    ok = isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s if ok else DEFAULT_TIMEOUT_S))
     rank, world = dist.get_rank(), dist.get_world_size()
     if backend == "nccl":
         return rank, world, torch.device("cuda", torch.cuda.current_device())

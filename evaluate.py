@@ -45,8 +45,10 @@ import batching
 import checkpoint
 import data
 import demo
+import faults
 import lmms
 import masks
+import rundir
 from scoring import accuracy, parse_answer, score  # noqa: F401 (evaluate.score, ...)
 
 DEMO_CHECKPOINT = os.path.join(demo.DIR, "stage2", "final")
@@ -119,7 +121,7 @@ def evaluate(m, processor, records, batch_size=8, mask="causal", latents=True, m
     batches = batching.loader(batching.EncodedRecords(records, processor, with_answer=False, keep_errors=True,
                                               transform=None if latents else drop_latents),
                           [order[s:s + batch_size] for s in range(0, len(order), batch_size)],
-                          collate_fn=list, workers=workers)
+                          collate_fn=list, workers=workers, on_worker_death="continue")
     done = 0
     for items in batches:
         for e in items:
@@ -460,6 +462,7 @@ def check_args(args):
 
 
 def main(argv=None):
+    faults.safe_output()              # paths and task names never reach the terminal raw
     args = parse_args(argv)
     try:
         check_args(args)
@@ -477,6 +480,9 @@ def run(args):
     workers = args.workers if args.workers is not None else batching.default_workers(args.device)
     if workers < 0:
         raise EvalError(f"--workers {workers}: a number of processes, 0 or more")
+    unwritable = rundir.unwritable(args.out)       # before the evaluation, not after it
+    if unwritable:
+        raise EvalError(unwritable)
     records, problems = load_records(args.data, args.image_root, args.limit)
     map_indices = parse_maps(args.maps, len(records)) if args.maps else None
     for p in problems:

@@ -46,6 +46,7 @@ import torch
 import cardmeta
 import checkpoint
 import data
+import faults
 import lmms
 import model
 
@@ -283,6 +284,7 @@ def export(run_ckpt, out_dir, max_shard_bytes=5 * 10**9, dtype=None):
         raise ExportError(f"the tokenizer at {base} puts <|latent_0|> at id "
                           f"{processor.latent_token_id}, the checkpoint at {first}")
     dtype = dtype or weight_dtype(base)
+    check_range(m, dtype)
     m.to(dtype)
 
     parent = os.path.dirname(os.path.abspath(out_dir))
@@ -321,10 +323,31 @@ def export(run_ckpt, out_dir, max_shard_bytes=5 * 10**9, dtype=None):
     return out_dir
 
 
+def check_range(m, dtype):
+    """Refuse a dtype whose range the weights exceed (fp16: |w| <= 65504): the cast would
+    silently write inf."""
+    if not dtype.is_floating_point:
+        return
+    top = torch.finfo(dtype).max
+    over = [(k, float(v.detach().abs().max())) for k, v in m.named_parameters()    # tied: once
+            if v.is_floating_point() and v.numel() and float(v.detach().abs().max()) > top]
+    if over:
+        k, v = max(over, key=lambda kv: kv[1])
+        flag = next((f for f, d in checkpoint.DTYPES.items() if d == dtype), dtype)
+        raise ExportError(f"--dtype {flag}: {len(over)} tensor(s) hold "
+                          f"values beyond its range (|w| <= {top:g}), largest {k} ({v:.4g}): they "
+                          "would be written as inf. Export in bf16 or fp32")
+
+
 def _check_out(out_dir, run_ckpt):
-    """Refuse to replace a directory that is not an earlier export (a run directory, say)."""
+    """Refuse to replace a directory that is not an earlier export (a run directory, say), or
+    the directory we are in (or one holding it)."""
     ckpt = os.path.abspath(run_ckpt)
     out = os.path.abspath(out_dir)
+    here = os.getcwd()
+    if here == out or here.startswith(out.rstrip(os.sep) + os.sep):
+        raise ExportError(f"{out_dir} is the current directory, or holds it: export to a new "
+                          "directory (e.g. runs/hub)")
     if ckpt == out or ckpt.startswith(out + os.sep):
         raise ExportError(f"{out_dir} holds the checkpoint {run_ckpt}: export somewhere else")
     if not os.path.exists(out_dir):
@@ -359,6 +382,7 @@ def parse_size(text):
 
 
 def main(argv=None):
+    faults.safe_output()              # paths never reach the terminal raw
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     p.add_argument("checkpoint", help="a LIVR checkpoint from train.py, e.g. runs/demo/stage2/final")
     p.add_argument("out", help="the directory to write (replaced atomically if it is an earlier export)")
@@ -369,7 +393,7 @@ def main(argv=None):
     try:
         out = export(args.checkpoint, args.out, args.max_shard_size,
                      checkpoint.DTYPES[args.dtype] if args.dtype else None)
-    except (ExportError, checkpoint.CheckpointError) as e:      # the latter: a malformed file of the base
+    except (ExportError, checkpoint.CheckpointError, OSError) as e:   # a malformed file of the base, a full disk
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

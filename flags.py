@@ -109,6 +109,9 @@ FLAGS = [
          "resume is refused; --lr, --weight-decay and --clip may change and are applied from the "
          "resumed step on (the new peak --lr under the same schedule), and the log says so"),
     flag("--max-steps", low=0, type=int, default=0, help="stop after N optimizer steps (debug)"),
+    flag("--collective-timeout", low=0, low_ok=False, type=float, default=1800,
+         help="seconds a process waits for the others in a collective before it stops with an "
+              "error naming the stall (a process stopped, hung or far slower)"),
     flag("--dry-run", action="store_true",
          help="resolve the run (mask, K, latent layout, what trains and how many parameters, "
               "epochs and steps, where stage 2 starts, what final holds), print it as JSON and "

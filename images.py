@@ -3,6 +3,10 @@ Images as Qwen's image processor makes them (Qwen2VLImageProcessorPil, in numpy)
 checkpoint's image settings (preprocessor_config.json), smart_resize to whole merged patches
 within the pixel limits, RGB conversion as transformers does it, and the patch flattening the
 vision encoder reads. Equal to transformers to 1e-5 for any image size (tests/test_data.py).
+An image file is read upright: its EXIF orientation is applied, as transformers' load_image
+does for a path (a phone photo taken sideways); a PIL image passed in is used as it is, as the
+image processor does. A file that is missing, truncated, corrupt or too large to decode is an
+ImageError that names it.
 
     pixel_values, grid_thw = images.preprocess_image("cat.jpg")     # [N, 1176], (1, h, w)
 """
@@ -13,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -47,9 +51,22 @@ class ImageConfig:
         c.max_pixels = int(d.get("max_pixels") or size.get("longest_edge") or c.max_pixels)
         for k in ("patch_size", "temporal_patch_size", "merge_size"):
             setattr(c, k, int(d.get(k, getattr(c, k))))
-        c.image_mean = tuple(d.get("image_mean", c.image_mean))
-        c.image_std = tuple(d.get("image_std", c.image_std))
+        c.image_mean = tuple(float(x) for x in d.get("image_mean", c.image_mean))
+        c.image_std = tuple(float(x) for x in d.get("image_std", c.image_std))
+        c.check()
         return c
+
+    def check(self):
+        """ValueError unless every number is usable: a zero patch or an unbounded pixel limit
+        would fail (or allocate without end) only when the first image is processed."""
+        for k, low, high in (("patch_size", 1, 1024), ("temporal_patch_size", 1, 16), ("merge_size", 1, 16),
+                             ("min_pixels", 1, 1 << 30), ("max_pixels", self.min_pixels, 1 << 30)):
+            if not low <= getattr(self, k) <= high:
+                raise ValueError(f"{k} {getattr(self, k)} is outside {low}..{high}")
+        if (len(self.image_mean) != 3 or len(self.image_std) != 3 or not all(map(math.isfinite, self.image_mean))
+                or not all(math.isfinite(x) and x > 0 for x in self.image_std)):
+            raise ValueError(f"image_mean and image_std must be 3 finite numbers (std > 0), not "
+                             f"{self.image_mean}, {self.image_std}")
 
     @classmethod
     def from_pretrained(cls, path):
@@ -100,13 +117,29 @@ def smart_resize(height, width, factor=28, min_pixels=56 * 56, max_pixels=28 * 2
     return h_bar, w_bar
 
 
-def to_rgb(image):
-    """PIL RGB image from a path, PIL image or HWC uint8 array. Transparency is composited onto
-    white, as transformers' convert_to_rgb does (a plain .convert('RGB') would give black)."""
-    if isinstance(image, (str, Path)):
-        with Image.open(image) as im:
+class ImageError(ValueError):
+    """An image file that cannot be used; the message names the file."""
+
+
+def open_image(path):
+    """The image in file `path`, decoded whole and upright (its EXIF orientation applied, as
+    transformers.image_utils.load_image does). ImageError names the file and what is wrong."""
+    try:
+        with Image.open(path) as im:
             im.load()
-            image = im.copy()
+            return ImageOps.exif_transpose(im)        # a copy, turned if the file says so
+    except FileNotFoundError:
+        raise ImageError(f"image {path}: file not found") from None
+    except Exception as e:               # PIL raises many types: truncated, corrupt, a bomb
+        raise ImageError(f"image {path}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def to_rgb(image):
+    """PIL RGB image from a path (read by open_image: upright), PIL image or HWC uint8 array.
+    Transparency is composited onto white, as transformers' convert_to_rgb does (a plain
+    .convert('RGB') would give black)."""
+    if isinstance(image, (str, Path)):
+        image = open_image(image)
     elif isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     image = _to_8bit(image)
@@ -160,9 +193,36 @@ def preprocess_np(image, min_pixels, max_pixels, mean, std, patch_size, temporal
     return np.ascontiguousarray(x).reshape(gh * gw, c * temporal_patch_size * p * p), (1, gh, gw)
 
 
+def check_image(path):
+    """Reasons an image file can't be used (empty = good). Decodes it fully: a truncated file
+    fails here, not mid-training."""
+    if not Path(path).is_file():
+        return [f"image not found: {path}"]
+    try:
+        with Image.open(path) as im:
+            im.load()
+            w, h = im.size
+    except Exception as e:                # PIL raises many types for corrupt files
+        return [f"unreadable image: {path} ({type(e).__name__}: {e})"]
+    if max(w, h) / min(w, h) > 200:       # smart_resize refuses these
+        return [f"image aspect ratio over 200: {path} ({w}x{h})"]
+    return []
+
+
+EXIF_ORIENTATION = 0x0112
+TURNED = (5, 6, 7, 8)          # orientations that swap width and height
+
+
 def image_size(image):
-    """(width, height) from a PIL image or just the file header."""
+    """(width, height) from a PIL image or just the file header, upright as open_image reads it."""
     if isinstance(image, Image.Image):
         return image.size
-    with Image.open(image) as im:
-        return im.size
+    try:
+        with Image.open(image) as im:
+            w, h = im.size
+            turned = im.getexif().get(EXIF_ORIENTATION) in TURNED
+    except FileNotFoundError:
+        raise ImageError(f"image {image}: file not found") from None
+    except Exception as e:
+        raise ImageError(f"image {image}: unreadable ({type(e).__name__}: {e})") from None
+    return (h, w) if turned else (w, h)

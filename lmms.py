@@ -123,23 +123,24 @@ python evaluate.py --lmms-task TASK_DIR --data test.jsonl      # writes TASK_DIR
 # The task: docs, YAML and a standalone utils.py
 
 # our functions that the task calls, in dependency order; their source goes into utils.py as is
-SHARED = [data.answer_letters, data.format_prompt, data.normalize_answer, data.chance, images._to_8bit,
-          images._has_alpha, images.to_rgb, scoring._norm, scoring._parse_letter, scoring._parse_number,
-          scoring.parse_answer, scoring.score, scoring.accuracy]
+SHARED = [data.answer_letters, data.format_prompt, data.normalize_answer, data.chance, images.ImageError,
+          images.open_image, images._to_8bit, images._has_alpha, images.to_rgb, scoring._norm,
+          scoring._parse_letter, scoring._parse_number, scoring.parse_answer, scoring.score, scoring.accuracy]
 # the module-level values they read, written as Python literals
 CONSTANTS = {"COUNT_RANGE": data.COUNT_RANGE, "NUMBER_WORDS": scoring.NUMBER_WORDS,
              "NUMBER": scoring.NUMBER}
 
 UTILS_HEAD = '''"""lmms-eval task utilities for LIVR records, written by the LIVR repository's lmms.py.
 
-Generated: every function below the header is the repository's own (data.py, evaluate.py),
-copied from its source, so prompt and scoring are evaluate.py's. Do not edit: write it again."""
+Generated: every function below the header is the repository's own (data.py, images.py,
+scoring.py), copied from its source, so prompt, images and scoring are evaluate.py's. Do not
+edit: write it again."""
 import re
 import types
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 '''
 

@@ -40,8 +40,10 @@ import torch.nn.functional as F
 import attention
 import batching
 import checkpoint
+import checks
 import data
 import demo
+import faults
 import flags
 import masks
 import model
@@ -112,7 +114,8 @@ def run(args, rank, world, device, log, hooks=None):
     params = [p for p in m.parameters() if p.requires_grad]
     opt, sched, total_steps, steps_per_epoch = build_optimizer(args, params, len(train_records))
     r.total_steps = total_steps
-    meta = {"base": os.path.abspath(base), "stage": args.stage, "mask": mask_mode,
+    meta = {"base": os.path.abspath(base), "base_fingerprint": checkpoint.base_fingerprint(base),
+            "stage": args.stage, "mask": mask_mode,
             "num_latents": args.latents, "latent_token_id": processor.latent_token_id,
             "latent_position": args.latent_position, "shared_latent": args.shared_latent,
             "train": args.train, "lora": None if args.train != "lora" else
@@ -122,6 +125,7 @@ def run(args, rank, world, device, log, hooks=None):
         rundir.check_resume_data(checkpoint.read_trainer_json(os.path.join(stage_dir, "last")).get("data"),
                                  data_id, os.path.join(stage_dir, "last"), args.data)
     step, best = start_or_resume(args, m, opt, sched, stage_dir, rank, device, log)
+    rundir.check_resumed_step(step, total_steps, os.path.join(stage_dir, "last"))
     train_batches, val_batches = build_loaders(args, m, processor, train_records, val_records,
                                                step, total_steps, compute_dtype, rank, world, device)
     n_params = sum(p.numel() for p in params)
@@ -132,10 +136,11 @@ def run(args, rank, world, device, log, hooks=None):
         f"{args.global_batch}, {packing} | {world} x {device.type} | lr {args.lr:g}" + mesh_note(params))
     metrics = os.path.join(stage_dir, "metrics.jsonl")
 
-    # checkpoints this run can name as finite (none is ever saved otherwise), newest last
-    saved = [init] if init else []
+    # checkpoints this run can name as good after a divergence (never saved non-finite)
+    saved = rundir.Checkpoints(m.cfg.text.vocab_size, [(init, 0)] if init else [], metrics)
+    last = os.path.join(stage_dir, "last")
     if args.resume:
-        saved.append(os.path.join(stage_dir, "last"))
+        saved.add(last, step)
 
     def record(rec):                 # one line of metrics.jsonl, then the fork's callbacks
         if rank == 0:
@@ -144,12 +149,16 @@ def run(args, rank, world, device, log, hooks=None):
         for fn in on_step:
             fn(r, rec)
 
-    def save(name):
+    def save(name, final=False):
+        if not saved.may_save():     # the loss is diverging: keep the checkpoint from before
+            if final:
+                raise RunError(f"{saved.refusal(name)} Try a lower --lr.")
+            return log(saved.refusal(name))
         save_checkpoint(os.path.join(stage_dir, name), m, opt, sched, meta,
                         {"step": step, "best": best, "args": vars(args),
                          "hparams": rundir.hparams(args, mask_mode, *flags.resume_flags(hooks.flags)), "data": data_id},
                         rank, device)
-        saved.append(os.path.join(stage_dir, name))
+        saved.add(os.path.join(stage_dir, name), step)
 
     def evaluate_and_keep_best():
         nonlocal best
@@ -168,14 +177,17 @@ def run(args, rank, world, device, log, hooks=None):
     t0, tokens_seen, start_step = time.time(), 0, step
     bad_steps = 0                    # consecutive non-finite steps
     steps = iter(train_batches)      # the global batch of each step: a seeded permutation per epoch
+    gate = faults.StepGate(rank, world, last)   # a signal or a fault on any rank stops every rank here
     while step < total_steps:
         r.step = step
-        micro = next(steps)          # this rank's share of the step, as micro-batches on the host
+        # this rank's share of the step, as micro-batches on the host
+        micro = gate.next(steps, step, lambda: save("last"), lambda: saved.step_of(last))
         loss, tokens = accumulate(m, micro, r, hooks.loss or compute_loss, autocast, device)
         tokens_seen += tokens
         r.tokens_per_s = tokens_seen * world / (time.time() - t0)
         norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
         loss, grad_norm = read_scalars(loss, norm)     # the step's one wait on the device
+        saved.observe(step + 1, loss)
         lr = sched.get_last_lr()[0]
         # loss is all-reduced and the norm is over the full (reduced) gradient, so every rank
         # takes the same decision here
@@ -188,7 +200,7 @@ def run(args, rank, world, device, log, hooks=None):
             log(skip_message(step, loss, grad_norm, saved))
             if bad_steps >= MAX_BAD_STEPS:
                 raise RunError(f"{bad_steps} non-finite steps in a row (last at step {step + 1}): "
-                               f"stopping. {finite_checkpoint_note(saved)} Try a lower --lr.")
+                               f"stopping. {saved.note(stopping=True)} Try a lower --lr.")
         opt.zero_grad(set_to_none=True)  # a skipped step applies nothing
         sched.step()                     # the schedule and sample order go on as if stepped
         step = r.step = step + 1
@@ -204,7 +216,7 @@ def run(args, rank, world, device, log, hooks=None):
             evaluate_and_keep_best()
         stop_early = args.max_steps and step >= start_step + args.max_steps and step < total_steps
         if step % args.save_every == 0 or step == total_steps or stop_early:
-            save("last")
+            save("last", final=step == total_steps or stop_early)
         if stop_early:   # on the last step the stage ends normally instead, writing `final`
             log(f"stopping after --max-steps {args.max_steps}; --resume continues from step {step}")
             tracker.finish()
@@ -261,9 +273,8 @@ def read_scalars(*xs):
 
 
 def finite_checkpoint_note(saved):
-    if saved:
-        return f"The last checkpoint, finite, is {saved[-1]}."
-    return "No checkpoint was saved in this stage yet."
+    """The newest checkpoint from before the loss left its range (rundir.Checkpoints)."""
+    return saved.note()
 
 
 def skip_message(step, loss, grad_norm, saved):
@@ -391,8 +402,10 @@ def settle_run(args, rank, world, device, log, extra_flags=()):
                        "(stage 1 may have 0, the paper's (0, 10) split)")
     init = (rundir.stage_one_checkpoint(args.run_dir, args.init, rank, "best" if args.from_best else "end")
             if args.stage == 2 else None)
+    if init:                          # stage 2 trains on the base stage 1 trained on
+        base = rundir.trained_base(init, None if is_demo else base)
     if args.resume:
-        last = rundir.resumable(stage_dir, rank)
+        last = rundir.resumable(stage_dir, rank, base)
         fixed, applied = flags.resume_flags(extra_flags)
         rundir.check_resume(rundir.read_hparams(last), rundir.hparams(args, mask_mode, fixed, applied),
                             last, log, fixed, applied)
@@ -423,7 +436,7 @@ def build_model(args, stage_init, base, processor, device):
     """The base model + latent rows + LoRA (or all LM weights) trainable; the rest frozen. From
     a stage-1 checkpoint, stage 2 keeps its latent layout and what it trained."""
     if stage_init:
-        m, meta = checkpoint.load_livr(stage_init, device="cpu")     # complete or CheckpointError
+        m, meta = checkpoint.load_livr(stage_init, device="cpu", base=base)   # complete or CheckpointError
         if m.num_latents != args.latents:
             raise RunError(f"{stage_init} has {m.num_latents} latent tokens but --latents is "
                            f"{args.latents}: pass --latents {m.num_latents}")
@@ -522,9 +535,9 @@ def start_or_resume(args, m, opt, sched, stage_dir, rank, device, log):
             open(os.path.join(stage_dir, "metrics.jsonl"), "w").close()
         return 0, -1.0
     last = os.path.join(stage_dir, "last")
-    state = checkpoint.load_trainer_state(last, m, opt, sched, rank, device)
+    state = rundir.load_trainer_state(last, m, opt, sched, rank, device)
     rundir.apply_hparams(opt, sched, args)
-    checkpoint.restore_weights(m, last)
+    rundir.restore_weights(m, last)
     step, best = state["step"], state["best"]
     if rank == 0:   # drop what a killed run logged after its last checkpoint
         rundir.keep_metrics(os.path.join(stage_dir, "metrics.jsonl"), step, log)
@@ -542,30 +555,41 @@ def build_loaders(args, m, processor, train_records, val_records, step, total_st
     on_gpu = device.type == "cuda"
     prepare = functools.partial(batching.prepare_batch, cfg=m.cfg)
     train_batches = batching.loader(
-        batching.EncodedRecords(train_records, processor),
+        batching.EncodedRecords(train_records, processor, max_len=args.max_len),
         batching.StepSampler(len(train_records), args.global_batch, rank, world, args.seed, step, total_steps),
         batching.StepBatches(processor.pad_id, args.micro_batch_tokens, args.batch_size, compute_dtype, prepare),
         args.workers, pin_memory=on_gpu)
     val_batches = batching.loader(
-        batching.EncodedRecords(val_records, processor), batching.RankShard(len(val_records), rank, world, 8),
+        batching.EncodedRecords(val_records, processor, max_len=args.max_len),
+        batching.RankShard(len(val_records), rank, world, 8),
         batching.ValBatches(processor.pad_id, pixel_dtype=compute_dtype, prepare=prepare),
         args.workers, pin_memory=on_gpu) if val_records else None
     return train_batches, val_batches
 
 
 def main(argv=None, hooks=None):
+    """Exit codes: 0 done, 2 an error (one line `error: ...` from the process that met it),
+    128 + the signal's number (143 SIGTERM, 130 SIGINT) when a signal stopped the run after
+    saving `last` (faults.py)."""
+    faults.safe_output()          # paths and task names never reach the terminal raw
     hooks = hooks or Hooks()
     args = flags.parse_args(argv, hooks.flags, description=__doc__.split("\n\n")[0])
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(args.collective_timeout)
+    faults.COLLECTIVE_TIMEOUT[0] = args.collective_timeout
     log = print if rank == 0 else (lambda *a, **k: None)
+    claim = (contextlib.nullcontext() if args.dry_run else     # a dry run writes nothing
+             rundir.StageClaim(args.run_dir, args.stage, args.resume, rank))
     try:
-        result = run(args, rank, world, device, log, hooks)
-    except (RunError, data.DataError, checkpoint.CheckpointError, OSError, tracking.TrackingError) as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
+        with faults.signals(), claim:
+            result = run(args, rank, world, device, log, hooks)
+    except (Exception, faults.Stopped) as e:
+        code = faults.report(e, rank, world, (RunError, data.DataError, checkpoint.CheckpointError,
+                                              OSError, tracking.TrackingError))
+        if code is None:
+            raise                 # a bug: its traceback
         if dist.is_initialized():
-            leave(2)              # an error need not reach every rank: no barrier to meet at
-        sys.exit(2)
+            leave(code)           # an error need not reach every rank: no barrier to meet at
+        sys.exit(code)
     if dist.is_initialized():
         dist.barrier()            # rank 0 may still be writing `final`: leave together
         leave(0)

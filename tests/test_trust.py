@@ -215,7 +215,7 @@ FSDP_SAVE = """
 import sys
 import torch
 sys.path.insert(0, sys.argv[1])
-import checkpoint, model, train
+import checkpoint, model, rundir, train
 rank, world, device = train.setup_distributed()
 m, meta = checkpoint.load_livr(sys.argv[2])
 train.shard_model(m, torch.float32, device, per_block=True)     # as on GPUs: a unit per block
@@ -231,9 +231,9 @@ m2, _ = checkpoint.load_livr(sys.argv[2])
 train.shard_model(m2, torch.float32, device, per_block=True)
 opt2 = torch.optim.AdamW([p for p in m2.parameters() if p.requires_grad], lr=0.1)
 sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0)
-checkpoint.load_trainer_state(sys.argv[3] + "/ok", m2, opt2, sched2, rank)
-checkpoint.restore_weights(m2, sys.argv[3] + "/ok")
-(w, o), (w2, o2) = checkpoint.full_state(m, opt), checkpoint.full_state(m2, opt2)
+rundir.load_trainer_state(sys.argv[3] + "/ok", m2, opt2, sched2, rank)
+rundir.restore_weights(m2, sys.argv[3] + "/ok")
+(w, o), (w2, o2) = rundir.full_state(m, opt), rundir.full_state(m2, opt2)
 if rank == 0:
     same = all(torch.equal(w[k], w2[k]) for k in w) and all(
         torch.equal(o["state"][k][s], o2["state"][k][s]) for k in o["state"] for s in o["state"][k])
