@@ -3,9 +3,10 @@ The run directory and the rules of --resume. A stage writes RUN_DIR/stageN/:
     metrics.jsonl   one JSON line per step (loss, lr, grad norm) and per validation
     last/           the resumable checkpoint (the LIVR checkpoint + the trainer's state)
     best/           the best validation accuracy so far
-    final/          what the stage reports (checkpoint.py has the formats)
+    end/            the weights after the stage's last step (stage 2 starts from stage1/end)
+    final/          what the stage reports: best, or end (--final end); checkpoint.py has the formats
 A resumed run must define the same run as the checkpoint -- the flags that fix the model's
-shape, what trains, the sample order and the schedule (train.FLAGS marks them), and the same
+shape, what trains, the sample order and the schedule (flags.FLAGS marks them), and the same
 training records -- while the flags that may change (lr, weight decay, clipping) are applied
 from the resumed step on. What a killed run logged after its last checkpoint is dropped.
 
@@ -16,11 +17,12 @@ A stage directory cannot be corrupted by the runs that write it:
   - a run without --resume never starts over a stage that holds one (steps in metrics.jsonl, or
     a checkpoint): it says how to continue it (--resume) or start over;
   - nothing is written through a symbolic link: a stage directory that is a link, or a link
-    where the stage writes (last, best, final, their .tmp/.old, metrics.jsonl, .lock), is refused
+    where the stage writes (last, best, end, final, their .tmp/.old, metrics.jsonl, .lock), is refused
     by name (and checkpoint.swap_in replaces a link made meanwhile, never its target);
   - what the run trained on is true: stage 2 trains on the base stage 1 trained on (its livr.json
-    names it, checked by fingerprint, checks.py), and --resume continues on that same base.
-Which checkpoint is good after a divergence is Checkpoints' job, at the end.
+    names it, checked by fingerprint), and --resume continues on that same base.
+Which checkpoint is good after a divergence is Checkpoints' job; at the end, a live run's state
+(gathered for a save, put back for --resume).
 """
 import fcntl
 import hashlib
