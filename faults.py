@@ -167,15 +167,15 @@ class Fault:
 # ----------------------------------------------------------------------------------------------
 # The one line
 
-COLLECTIVE_TIMEOUT = [None]       # seconds, as train.py's --collective-timeout set it
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
              "communicator was aborted", "ProcessGroupNCCL is aborted", "Socket closed")
 
 
-def report(e, rank, world, named):
+def report(e, rank, world, named, timeout_s=None):
     """Print the one line for exception `e` (see the module docstring) and return the exit
     code; None when `e` is a bug to re-raise. `named`: the exception types whose message is the
-    line (RunError, DataError, CheckpointError, OSError...)."""
+    line (RunError, DataError, CheckpointError, OSError...); `timeout_s`: the collective timeout
+    the run set (--collective-timeout), named when a collective timed out."""
     if isinstance(e, Stopped):
         if not e.agreed:                 # this rank's own signal, during set-up
             announce(str(e), rank, world)
@@ -192,7 +192,7 @@ def report(e, rank, world, named):
     if isinstance(e, RuntimeError) and world > 1:
         if re.search(r"[Tt]imed? ?out|[Tt]imeout", text):
             return announce(f"error: rank {rank}: no answer from another process for "
-                            f"{COLLECTIVE_TIMEOUT[0] or 'the collective timeout of'} s (one stalled, or "
+                            f"{timeout_s or 'the collective timeout of'} s (one stalled, or "
                             "stopped): stopping. Raise --collective-timeout if a step or a save "
                             "legitimately takes longer", rank, world, compare=False)
         if any(p in text for p in PEER_GONE):

@@ -423,7 +423,7 @@ def read_data(args, base, rank):
     except FileNotFoundError:
         raise
     except Exception as e:          # tokenizers' and json's own error types
-        raise RunError(f"cannot read the tokenizer in {base}: {type(e).__name__}: {e}") from None
+        raise RunError(f"cannot read the tokenizer or image processor in {base}: {type(e).__name__}: {e}") from None
     check = lambda path: data.load_dataset(
         path, skip_bad=args.skip_bad, max_len=args.max_len, processor=processor,
         progress=data.progress_line(f"checking {path}") if rank == 0 else None)
@@ -575,7 +575,6 @@ def main(argv=None, hooks=None):
     hooks = hooks or Hooks()
     args = flags.parse_args(argv, hooks.flags, description=__doc__.split("\n\n")[0])
     rank, world, device = setup_distributed(args.collective_timeout)
-    faults.COLLECTIVE_TIMEOUT[0] = args.collective_timeout
     log = print if rank == 0 else (lambda *a, **k: None)
     claim = (contextlib.nullcontext() if args.dry_run else     # a dry run writes nothing
              rundir.StageClaim(args.run_dir, args.stage, args.resume, rank))
@@ -584,7 +583,8 @@ def main(argv=None, hooks=None):
             result = run(args, rank, world, device, log, hooks)
     except (Exception, faults.Stopped) as e:
         code = faults.report(e, rank, world, (RunError, data.DataError, checkpoint.CheckpointError,
-                                              OSError, tracking.TrackingError))
+                                              OSError, tracking.TrackingError),
+                             timeout_s=args.collective_timeout)
         if code is None:
             raise                 # a bug: its traceback
         if dist.is_initialized():
