@@ -23,8 +23,9 @@ Run:
     python evaluate.py --maps 0,1,2 --per-latent             # runs/demo/eval/maps/index.html
     python evaluate.py --checkpoint Qwen/Qwen2.5-VL-3B-Instruct --data blink/Jigsaw_val.jsonl
 
-Outputs go to --out (default runs/demo/eval): table.md, results.json (per-sample outputs and
-predictions), maps/. The last line printed is the last checkpoint's mean accuracy and chance.
+Outputs go to --out (default: RUN_DIR/eval when the last checkpoint is a run's RUN_DIR/stageN/NAME,
+where export.py's card finds them; else runs/demo/eval): table.md, results.json (per-sample outputs
+and predictions), maps/. The last line printed is the last checkpoint's mean accuracy and chance.
 A bad sample (an image that fails to load, no answer) is reported and scored wrong; it never
 costs the results of the others.
 """
@@ -34,6 +35,7 @@ import gc
 import html
 import json
 import os
+import re
 import sys
 import time
 
@@ -436,8 +438,9 @@ def parse_args(argv=None):
     p.add_argument("--maps", metavar="I,J,...", help="record indices: latent->image attention maps "
                                                      "for the last checkpoint")
     p.add_argument("--per-latent", action="store_true", help="a map per latent, not only the mean")
-    p.add_argument("--out", default=os.path.join(demo.DIR, "eval"),
-                   help="table.md, results.json and maps/ go here (default: %(default)s)")
+    p.add_argument("--out", help="table.md, results.json and maps/ go here (default: RUN_DIR/eval "
+                   "when the last --checkpoint is a run's RUN_DIR/stageN/NAME, where the export's "
+                   f"card looks for its test results; else {os.path.join(demo.DIR, 'eval')})")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="(default: %(default)s)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on GPU, fp32 on CPU")
@@ -452,6 +455,16 @@ def checkpoint_name(spec):
     if eq and "/" not in name:
         return name, path
     return "/".join(os.path.normpath(spec).split(os.sep)[-2:]), spec
+
+
+def default_out(spec):
+    """RUN_DIR/eval for a checkpoint RUN_DIR/stageN/NAME (the run's own results, beside its
+    stages); the demo's eval directory for anything else (a base, an export, a hub id)."""
+    path = os.path.normpath(checkpoint_name(spec)[1])
+    stage_dir = os.path.dirname(path)
+    if re.fullmatch(r"stage\d+", os.path.basename(stage_dir)):
+        return os.path.join(os.path.dirname(stage_dir), "eval")
+    return os.path.join(demo.DIR, "eval")
 
 
 def check_args(args):
@@ -476,6 +489,7 @@ def run(args):
     if args.lmms_task:            # an lmms-eval task for --data, no model run (lmms.py)
         return lmms.write_task_cli(args)
     specs = args.checkpoint or [DEMO_CHECKPOINT]
+    args.out = args.out or default_out(specs[-1])
     dtype = checkpoint.DTYPES[args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")]
     workers = args.workers if args.workers is not None else batching.default_workers(args.device)
     if workers < 0:

@@ -38,9 +38,17 @@ def run(tmp_path_factory):
                 str(splits["val"]), "--run-dir", str(root / "run"), "--latents", "4", "--global-batch", "4",
                 "--epochs", "1", "--max-steps", "3", "--eval-every", "2", "--log-every", "100"])
     ckpt = str(root / "run" / "stage1" / "last")
-    evaluate.main(["--checkpoint", ckpt, "--data", str(splits["test"]), "--out", str(root / "run" / "eval"),
+    # no --out, as the README runs it: the results land in the run's eval/, where the card looks
+    evaluate.main(["--checkpoint", ckpt, "--data", str(splits["test"]),
                    "--attention-samples", "0", "--max-new-tokens", "4"])
     return dict(root=root, base=str(base), ckpt=ckpt, val=str(splits["val"]))
+
+
+def test_evaluate_default_out_is_the_run_dirs():
+    assert evaluate.default_out("livr=runs/x/stage2/final") == os.path.join("runs", "x", "eval")
+    assert evaluate.default_out("/a/b/stage1/last/") == "/a/b/eval"
+    for elsewhere in ("runs/x/hub", "Qwen/Qwen2.5-VL-3B-Instruct", "zero-shot=runs/demo/base"):
+        assert evaluate.default_out(elsewhere) == os.path.join(demo.DIR, "eval")
 
 
 def card_of(out):
