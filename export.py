@@ -341,15 +341,19 @@ def check_range(m, dtype):
 
 def _check_out(out_dir, run_ckpt):
     """Refuse to replace a directory that is not an earlier export (a run directory, say), or
-    the directory we are in (or one holding it)."""
-    ckpt = os.path.abspath(run_ckpt)
-    out = os.path.abspath(out_dir)
+    the directory we are in (or one holding it); refuse to write inside the checkpoint, whose
+    next save (an atomic swap of the whole directory) would delete the export."""
+    ckpt = os.path.realpath(run_ckpt)
+    out = os.path.realpath(out_dir)
     here = os.getcwd()
     if here == out or here.startswith(out.rstrip(os.sep) + os.sep):
         raise ExportError(f"{out_dir} is the current directory, or holds it: export to a new "
                           "directory (e.g. runs/hub)")
     if ckpt == out or ckpt.startswith(out + os.sep):
         raise ExportError(f"{out_dir} holds the checkpoint {run_ckpt}: export somewhere else")
+    if out.startswith(ckpt + os.sep):
+        raise ExportError(f"{out_dir} is inside the checkpoint {run_ckpt}, whose next save would "
+                          "delete it: export somewhere else")
     if not os.path.exists(out_dir):
         return
     if not os.path.isdir(out_dir):

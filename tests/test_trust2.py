@@ -277,6 +277,27 @@ def test_non_finite_base_weights_and_config_values_are_named(demo, tmp_path, cap
     fails_with(args, capsys, "config.json: rms_norm_eps must be a finite number, not nan")
 
 
+def test_base_weights_that_are_not_floating_point_and_other_families_are_named(demo, tmp_path, capsys):
+    """An integer tensor (a quantized checkpoint's, say) would be cast to float and train in
+    silence; a config of another family would build the wrong network."""
+    int_base = tmp_path / "int_base"
+    shutil.copytree(demo["base"], int_base)
+    sd = load_file(int_base / "model.safetensors")
+    sd["model.norm.weight"] = sd["model.norm.weight"].to(torch.int8)
+    save_file(sd, int_base / "model.safetensors")
+    args = run_args(demo, tmp_path / "r", "--max-steps", "1")
+    args[args.index("--model") + 1] = str(int_base)
+    fails_with(args, capsys, "tensor 'model.norm.weight'", "is torch.int8, not floating point")
+    fails_with(["--checkpoint", str(int_base), "--data", demo["test"], "--out", str(tmp_path / "e")],
+               capsys, "is torch.int8, not floating point", main=evaluate.main)
+    other = tmp_path / "other"
+    shutil.copytree(demo["base"], other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2_vl"}))
+    args[args.index("--model") + 1] = str(other)
+    fails_with(args, capsys, "model_type 'qwen2_vl' is not supported")
+
+
 def test_export_fp16_refuses_weights_beyond_its_range(stage1, tmp_path, capsys):
     last = str(copy_run(stage1, tmp_path / "run") / "stage1" / "last")
     f = os.path.join(last, "weights.safetensors")
@@ -496,6 +517,16 @@ def test_export_into_the_current_directory_is_refused(stage1, tmp_path, monkeypa
     assert export.main([str(stage1 / "stage1" / "last"), "."]) == 2
     assert ". is the current directory" in capsys.readouterr().err
     assert os.listdir(".") == []
+
+
+def test_export_inside_the_checkpoint_is_refused(stage1, tmp_path, capsys):
+    """Its next save swaps the whole checkpoint directory in: an export inside would be deleted."""
+    run = copy_run(stage1, tmp_path / "run")
+    last = run / "stage1" / "last"
+    before = snapshot(last)
+    assert export.main([str(last), str(last / "hub")]) == 2
+    assert "is inside the checkpoint" in capsys.readouterr().err
+    assert snapshot(last) == before
 
 
 # --- 11. messages that tell the truth ------------------------------------------------------------
