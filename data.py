@@ -21,6 +21,7 @@ Run:
     python data.py show runs/demo/data/test.jsonl --index 0 --model runs/demo/base   # token by token
 """
 import argparse
+import codecs
 import concurrent.futures
 import json
 import os
@@ -114,18 +115,20 @@ class DataError(ValueError):
 
 
 def read_text(path):
-    """A dataset file's text; a directory or a file that is not UTF-8 is a DataError that names
-    the file, line and byte."""
+    """A dataset file's text (a leading UTF-8 byte-order mark, as some editors write, dropped);
+    a directory or a file that is not UTF-8 is a DataError that names the file, line and byte."""
     path = Path(path)
     if path.is_dir():
         raise DataError([], 0, path, f"{path} is a directory, not a dataset file (.jsonl or .json)")
     raw = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
     try:
-        return raw.decode("utf-8")
+        return raw[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError([], 0, path, f"{path}:{line}: not UTF-8 text (byte {e.start}: "
-                        f"{raw[e.start:e.start + 1]!r}); save the file as UTF-8") from None
+        at = bom + e.start
+        line = raw.count(b"\n", 0, at) + 1
+        raise DataError([], 0, path, f"{path}:{line}: not UTF-8 text (byte {at}: "
+                        f"{raw[at:at + 1]!r}); save the file as UTF-8") from None
 
 
 def read_records(path, image_root=None):

@@ -343,6 +343,22 @@ def test_llava_json_with_line_numbers(tmp_path, ours):
     assert ours.decode(enc["input_ids"], skip_special_tokens=False).count("<|vision_end|>What is red?") == 1
 
 
+def test_utf8_byte_order_mark_is_read_as_text(tmp_path):
+    """Editors on some systems start UTF-8 files with a byte-order mark: the records are the same."""
+    write_png(tmp_path / "a.png")
+    rows = [{"id": "1", "images": ["a.png"], "question": "Caf\u00e9?", "choices": ["x", "y"], "answer": "A"},
+            {"id": "2", "question": "2 + 2?", "answer": "4"}]
+    for name, text in (("d.jsonl", "".join(json.dumps(r) + "\n" for r in rows)), ("d.json", json.dumps(rows))):
+        plain, marked = tmp_path / name, tmp_path / f"bom_{name}"
+        plain.write_text(text, encoding="utf-8")
+        marked.write_text(text, encoding="utf-8-sig")
+        assert marked.read_bytes().startswith(b"\xef\xbb\xbf")
+        ours, theirs = data.read_records(plain), data.read_records(marked)
+        assert [(s.question, s.answer, s.images, e) for _, s, e in ours] == \
+            [(s.question, s.answer, s.images, e) for _, s, e in theirs] and len(ours) == 2
+        assert [w.split(":")[-1] for w, _, _ in ours] == [w.split(":")[-1] for w, _, _ in theirs]
+
+
 # ---------------------------------------------------------------------------- synthetic tasks
 
 def test_synthetic_is_deterministic(tmp_path):
