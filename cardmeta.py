@@ -62,6 +62,7 @@ def best_validation(checkpoint):
         try:
             with open(os.path.join(stage_dir, name, "trainer.json"), encoding="utf-8") as f:
                 val_file = (json.load(f).get("args") or {}).get("val")
+            val_file = val_file if isinstance(val_file, str) else None   # a record, not a setting
             break
         except (OSError, ValueError, AttributeError):
             continue

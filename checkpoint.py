@@ -46,6 +46,9 @@ def config_from_dict(d):
     model_type = d.get("model_type", "qwen2_5_vl")
     if str(model_type).startswith("qwen3_vl") and model_type != "qwen3_vl":
         raise ValueError(f"model_type {model_type!r} is not supported (dense Qwen3-VL is \"qwen3_vl\")")
+    if model_type not in ("qwen2_5_vl", "qwen3_vl"):
+        raise ValueError(f"model_type {model_type!r} is not supported: this project implements "
+                         "\"qwen2_5_vl\" (Qwen2.5-VL) and \"qwen3_vl\" (Qwen3-VL)")
     if model_type == "qwen3_vl":
         return _qwen3_config_from_dict(d)
     t = {**d, **d.get("text_config", {})}
@@ -280,7 +283,11 @@ def load_pretrained(path_or_repo_id, dtype=torch.float32, device="cpu", num_late
                     errors.append(f"tensor {key!r} in {file} has shape {tuple(t.shape)}, "
                                   f"the config says {want}")
                     continue
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                if not t.is_floating_point():
+                    errors.append(f"tensor {key!r} in {file} is {t.dtype}, not floating point "
+                                  "(a quantized checkpoint? this project loads bf16/fp16/fp32 weights)")
+                    continue
+                if not bool(torch.isfinite(t).all()):
                     errors.append(f"tensor {key!r} in {file} holds non-finite values")
                 state[key_map[key]] = t if dtype is None else t.to(dtype)
     if errors:
@@ -483,6 +490,8 @@ def check_state(weights, params, required, source):
     errors += [f"tensor {k!r} has shape {tuple(v.shape)}, the model expects "
                f"{tuple(params[k].shape)}" for k, v in sorted(weights.items())
                if k in params and tuple(v.shape) != tuple(params[k].shape)]
+    errors += [f"tensor {k!r} is {v.dtype}, not floating point" for k, v in sorted(weights.items())
+               if not v.is_floating_point()]
     errors += [f"tensor {k!r} holds non-finite values" for k, v in sorted(weights.items())
                if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if errors:

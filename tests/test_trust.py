@@ -138,6 +138,8 @@ def edit_weights(path, fn):
     (lambda sd: sd.update({"visual.extra": torch.zeros(2)}), "unknown tensor 'visual.extra'"),
     (lambda sd: sd.update({"latent_embeds": torch.zeros(3, 5)}), "'latent_embeds' has shape (3, 5)"),
     (lambda sd: sd["latent_embeds"].__setitem__((0, 0), float("nan")), "'latent_embeds' holds non-finite"),
+    (lambda sd: sd.update({"latent_embeds": sd["latent_embeds"].to(torch.int32)}),
+     "'latent_embeds' is torch.int32, not floating point"),
 ])
 def test_incomplete_checkpoints_fail_everywhere(demo, stage1, tmp_path, capsys, edit, named):
     run = copy_run(stage1, tmp_path / "run")
