@@ -15,12 +15,10 @@ moment leaves a complete checkpoint under OUT, OUT.tmp or OUT.old.
 import ctypes
 import json
 import os
-import random
 import shutil
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 
 import checks
 import masks

@@ -40,7 +40,6 @@ import torch.nn.functional as F
 import attention
 import batching
 import checkpoint
-import checks
 import data
 import demo
 import faults
