@@ -351,7 +351,7 @@ def _check_out(out_dir, run_ckpt):
                           "directory (e.g. runs/hub)")
     if ckpt == out or ckpt.startswith(out + os.sep):
         raise ExportError(f"{out_dir} holds the checkpoint {run_ckpt}: export somewhere else")
-    if out.startswith(ckpt + os.sep):
+    if out.startswith(ckpt + os.sep) and os.path.exists(os.path.join(ckpt, "livr.json")):
         raise ExportError(f"{out_dir} is inside the checkpoint {run_ckpt}, whose next save would "
                           "delete it: export somewhere else")
     if not os.path.exists(out_dir):
