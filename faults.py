@@ -28,6 +28,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -55,6 +56,7 @@ class _State:
     received = 0             # the signal number noted, 0 = none
     deferred = False         # in the loop: note it for the step's end; else stop at once
     why = ""                 # what sent it, when we know better than its number
+    launcher = 0             # the pid of the launcher whose death sent it, 0 = not that
 
 
 STATE = _State()
@@ -77,7 +79,7 @@ class signals:
     the previous handlers back on leaving; under torchrun, the launcher watched."""
 
     def __enter__(self):
-        STATE.received, STATE.deferred, STATE.why = 0, False, ""
+        STATE.received, STATE.deferred, STATE.why, STATE.launcher = 0, False, "", 0
         self.old = {}
         if threading.current_thread() is threading.main_thread():
             self.old = {s: signal.signal(s, _handler) for s in SIGNALS}
@@ -101,10 +103,23 @@ def watch_parent(every=1.0):
         stop = threading.Event()
         while not stop.wait(every):
             if os.getppid() != parent:
-                STATE.why = f" (the launcher, pid {parent}, died)"
+                STATE.why, STATE.launcher = launcher_died(parent), parent
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
     threading.Thread(target=watch, name="watch-launcher", daemon=True).start()
+
+
+def signal_follows(wait=1.0):
+    """Whether a SIGTERM/SIGINT arrives within `wait` s: a scheduler signals every process of a
+    job, and a DataLoader worker may end on its (batching.py) before this process notes its own."""
+    deadline = time.monotonic() + wait
+    while not STATE.received and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return bool(STATE.received)
+
+
+def launcher_died(pid):
+    return f" (the launcher, pid {pid}, died)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,7 +127,8 @@ def watch_parent(every=1.0):
 
 class StepGate:
     """Once per step, before the step's own collectives: every rank says whether fetching its
-    share failed and whether it got a signal (one all-reduce of 2 x world numbers). A fault:
+    share failed, whether it got a signal and whether its launcher's death sent it (one
+    all-reduce of 3 x world numbers: any rank can say why another one stopped). A fault:
     the rank that saw it raises it, the others raise Quiet. A signal: `save()` (once: not if
     this step is saved already), then Stopped on every rank. Creating the gate puts signals in
     the loop's mode (noted, not raised)."""
@@ -129,15 +145,18 @@ class StepGate:
             batch = None if STATE.received else next(batches)
         except Exception as e:           # a decode error, a DataLoader worker killed
             fault = e
-        flags = [0.0] * (2 * self.world)
+            if "DataLoader worker" in str(e) and signal_follows():
+                fault = None             # the signal that ended the worker is this process's too
+        flags = [0.0] * (3 * self.world)
         flags[self.rank] = float(fault is not None)
         flags[self.world + self.rank] = float(STATE.received)
+        flags[2 * self.world + self.rank] = float(STATE.launcher)
         if dist.is_initialized():
             from distributed import all_sum
             flags = all_sum(*flags)
         if any(flags[:self.world]):
             raise fault or Quiet("another process failed")
-        signals_seen = [(r, int(s)) for r, s in enumerate(flags[self.world:]) if s]
+        signals_seen = [(r, int(s)) for r, s in enumerate(flags[self.world:2 * self.world]) if s]
         if signals_seen:
             rank, signum = signals_seen[0]
             if saved_step() != step:
@@ -146,7 +165,9 @@ class StepGate:
             kept = (f"saved {self.where} (step {step})" if held == step else
                     f"{self.where} holds step {held}" if held is not None else "no checkpoint to resume")
             who = f" on rank {rank}" if self.world > 1 else ""
-            raise Stopped(signum, f"stopped by {signal_name(signum)}{who}{STATE.why if rank == self.rank else ''} "
+            launcher = int(flags[2 * self.world + rank])
+            why = launcher_died(launcher) if launcher else ""
+            raise Stopped(signum, f"stopped by {signal_name(signum)}{who}{why} "
                           f"after step {step}: {kept}; continue with --resume (same flags)", agreed=True)
         return batch
 

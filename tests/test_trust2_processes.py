@@ -45,9 +45,11 @@ def test_sigint_finishes_the_step_saves_once_and_says_how_to_resume(demo, tmp_pa
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     # a scheduler's SIGTERM reaches every process, DataLoader workers too (sent by another
     # process, not their parent): the same ending, exit 143
+    earlier = {p.pid for p in multiprocessing.active_children()}     # other tests' processes
+
     def preempt(r, rec):
         if rec.get("step") == 3:
-            pids = [p.pid for p in multiprocessing.active_children()]
+            pids = [p.pid for p in multiprocessing.active_children() if p.pid not in earlier]
             assert pids, "no DataLoader worker"
             subprocess.run(["kill", "-TERM", *map(str, pids), str(os.getpid())], check=True)
     with pytest.raises(SystemExit) as e:
@@ -222,6 +224,48 @@ def test_the_launchers_death_ends_the_ranks_after_a_save(long_run, tmp_path):
     assert checkpoint.is_complete(str(run / "stage1" / "last"))
     rundir.lock(str(run / "stage1" / ".lock"))            # free: a --resume may start now
     no_traceback_of_ours(out)
+
+
+def test_rank_zero_names_the_launchers_death_another_rank_saw_first(monkeypatch):
+    """The ranks watch their launcher each on its own clock: when rank 1 notices its death
+    first, rank 0's one line still says why (the gate's all-reduce carries the launcher's pid)."""
+    import distributed
+    import faults
+    monkeypatch.setattr(faults.dist, "is_initialized", lambda: True)
+    # what the all-reduce of 2 ranks gives: no fault, a SIGTERM on rank 1 only, rank 1's launcher
+    monkeypatch.setattr(distributed, "all_sum", lambda *xs: [0.0, 0.0, 0.0, 15.0, 0.0, 4321.0])
+    with faults.signals():
+        gate = faults.StepGate(0, 2, "RUN/stage1/last")
+        with pytest.raises(faults.Stopped) as e:
+            gate.next(iter([]), 7, lambda: None, lambda: 7)
+    assert e.value.code == 143 and str(e.value) == ("stopped by SIGTERM on rank 1 (the launcher, pid 4321, "
+                                                    "died) after step 7: saved RUN/stage1/last (step 7); "
+                                                    "continue with --resume (same flags)")
+
+
+def test_a_worker_ended_by_the_jobs_signal_first_is_the_signal_not_a_fault():
+    """A scheduler signals every process of the job: a DataLoader worker may end (quietly, on its
+    SIGTERM) before this process notes its own -- the step then stops as a signal does, with a
+    save; a worker that dies with no signal behind it is still the fault it is."""
+    import threading
+
+    import faults
+
+    def dead_worker():
+        raise RuntimeError("DataLoader worker (pid(s) 4321) exited unexpectedly")
+        yield
+
+    saves = []
+    with faults.signals():
+        gate = faults.StepGate(0, 1, "RUN/stage1/last")
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        with pytest.raises(faults.Stopped) as e:
+            gate.next(dead_worker(), 5, lambda: saves.append(5), lambda: saves[-1] if saves else 4)
+    assert e.value.code == 143 and saves == [5] and "after step 5: saved RUN/stage1/last (step 5)" in str(e.value)
+    with faults.signals():
+        gate = faults.StepGate(0, 1, "RUN/stage1/last")
+        with pytest.raises(RuntimeError, match="exited unexpectedly"):
+            gate.next(dead_worker(), 5, lambda: None, lambda: 4)
 
 
 def test_a_stalled_rank_times_out_with_a_message(long_run, tmp_path):
