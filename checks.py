@@ -239,6 +239,9 @@ def param_group_problems(g):
     for k in ("lr", "weight_decay", "initial_lr"):
         if k in g:
             out += real(k, g[k], 0, 1e3)
+    for k in ("lr_scale", "weight_decay_scale"):       # train.optimizer_groups
+        if k in g:
+            out += real(k, g[k], 0, 1e6)
     if "eps" in g:
         out += real("eps", g["eps"], 0, 1, low_ok=False)
     betas = g.get("betas")

@@ -176,9 +176,11 @@ def apply_hparams(opt, sched, args):
     """After restoring the trainer state: the (possibly new) --lr, --weight-decay on the same
     schedule. The scheduler scales base_lrs by the lambda, so the new peak takes effect at once."""
     factor = sched.lr_lambdas[0](sched.last_epoch)
-    sched.base_lrs = [args.lr for _ in sched.base_lrs]
-    for g in opt.param_groups:
-        g["initial_lr"], g["lr"], g["weight_decay"] = args.lr, args.lr * factor, args.weight_decay
+    for g in opt.param_groups:            # a fork's groups scale both (train.optimizer_groups)
+        lr = args.lr * g.get("lr_scale", 1.0)
+        g["initial_lr"], g["lr"] = lr, lr * factor
+        g["weight_decay"] = args.weight_decay * g.get("weight_decay_scale", 1.0)
+    sched.base_lrs = [g["initial_lr"] for g in opt.param_groups]
     sched._last_lr = [g["lr"] for g in opt.param_groups]
 
 

@@ -83,11 +83,16 @@ class Hooks:
                     --init, no --resume)
       on_step       [(run, record) -> None]: after every optimizer step and every validation, on
                     every rank, with what metrics.jsonl gets
-      flags         [flags.flag(...)]: the fork's own flags, declared as flags.FLAGS's are"""
+      flags         [flags.flag(...)]: the fork's own flags, declared as flags.FLAGS's are
+      param_groups  (m, named_params, run) -> [{"params": [...], "lr_scale": s, "weight_decay_scale": w}]:
+                    AdamW's groups (a group's lr is --lr x lr_scale on the same schedule, its
+                    weight decay --weight-decay x weight_decay_scale; both default 1);
+                    named_params: the trainable (name, parameter) pairs, each in exactly one group"""
     loss: Optional[Callable] = None
     init_latents: Optional[Callable] = None
     on_step: list = field(default_factory=list)
     flags: list = field(default_factory=list)
+    param_groups: Optional[Callable] = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,8 +115,10 @@ def run(args, rank, world, device, log, hooks=None):
     if hooks.init_latents and not init and not args.resume:
         hooks.init_latents(m, first_batch(args, m, processor, train_records, device), r)
     compute_dtype, autocast = place_model(m, args, device)
-    params = [p for p in m.parameters() if p.requires_grad]
-    opt, sched, total_steps, steps_per_epoch = build_optimizer(args, params, len(train_records))
+    named = [(k, p) for k, p in m.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    groups = optimizer_groups(named, hooks.param_groups(m, named, r) if hooks.param_groups else None)
+    opt, sched, total_steps, steps_per_epoch = build_optimizer(args, groups, len(train_records))
     r.total_steps = total_steps
     meta = {"base": os.path.abspath(base), "base_fingerprint": checkpoint.base_fingerprint(base),
             "stage": args.stage, "mask": mask_mode,
@@ -497,12 +504,51 @@ def place_model(m, args, device):
     return compute_dtype, mixed_precision(m, compute_dtype, device)
 
 
-def build_optimizer(args, params, n_records):
+def optimizer_groups(named, groups=None):
+    """AdamW's parameter groups: one of every trainable parameter, or a fork's `groups`
+    (Hooks.param_groups), checked to hold each trainable parameter exactly once -- a parameter
+    left out would silently never train -- with finite, non-negative scales."""
+    if groups is None:
+        return [{"params": [p for _, p in named], "lr_scale": 1.0, "weight_decay_scale": 1.0}]
+    name_of = {id(p): k for k, p in named}
+    seen, out = {}, []
+    for i, g in enumerate(groups):
+        if not isinstance(g, dict) or "params" not in g:
+            raise RunError(f"param_groups: group {i} must be a dict with \"params\"")
+        unknown = set(g) - {"params", "lr_scale", "weight_decay_scale"}
+        if unknown:
+            raise RunError(f"param_groups: group {i} has {sorted(unknown)}: set lr_scale and "
+                           "weight_decay_scale (of --lr, --weight-decay) instead")
+        scales = {k: g.get(k, 1.0) for k in ("lr_scale", "weight_decay_scale")}
+        for k, v in scales.items():
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise RunError(f"param_groups: group {i}'s {k} {v!r} must be a finite number >= 0")
+        ps = list(g["params"])
+        for p in ps:
+            k = name_of.get(id(p))
+            if k is None:
+                raise RunError(f"param_groups: group {i} holds a parameter that does not train "
+                               f"(shape {tuple(p.shape)}); name only the named_params given")
+            if k in seen:
+                raise RunError(f"param_groups: {k} is in groups {seen[k]} and {i}")
+            seen[k] = i
+        out.append({"params": ps, **{k: float(v) for k, v in scales.items()}})
+    missing = [k for k in name_of.values() if k not in seen]
+    if missing:
+        raise RunError(f"param_groups: {len(missing)} trainable parameter(s) in no group, e.g. "
+                       f"{missing[0]} (they would never train)")
+    return out
+
+
+def build_optimizer(args, groups, n_records):
     """AdamW and the schedule: 5% linear warm-up, then cosine to 0 -- a fresh one per stage.
-    Returns (opt, sched, total_steps, steps_per_epoch)."""
+    `groups`: optimizer_groups(); each group's lr and weight decay are --lr and
+    --weight-decay times its scales. Returns (opt, sched, total_steps, steps_per_epoch)."""
     # foreach: a few multi-tensor ops per step rather than a dozen per parameter (the default on
     # a GPU; on CPU, and for FSDP's DTensors, it saves most of the optimizer's host time)
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+    groups = [{**g, "lr": args.lr * g["lr_scale"], "weight_decay": args.weight_decay * g["weight_decay_scale"]}
+              for g in groups]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
                             weight_decay=args.weight_decay, foreach=True)
     total_steps, steps_per_epoch = schedule_length(args, n_records)
     warmup = max(1, int(args.warmup * total_steps))

@@ -5,6 +5,8 @@ forward -- by monkeypatching, never by editing a file, and each checked for its 
   (b) K latents after each image, each group seeing only its own image: the mask, and a step;
   (c) a stage-1 auxiliary loss on the latents' hidden states through a small extra head: it has
       gradients, and a stage-1 checkpoint with the head loads in stage 2 and in evaluate.py."""
+import argparse
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +21,7 @@ import evaluate
 import flags
 import masks
 import model
+import rundir
 import train
 from demo import make_demo_base, make_synthetic
 from masks import ANSWER, IMAGE, LATENT, SYSTEM, TEXT
@@ -292,3 +295,50 @@ def test_a_fork_uses_every_seam_without_globals(demo, tmp_path, monkeypatch, cap
     with pytest.raises(SystemExit):
         train.main(["--stage", "1", *common, "--aux-weight", "0.7", "--resume"], hooks=hooks)
     assert "--aux-weight 0.5" in capsys.readouterr().err
+
+
+def test_a_fork_gives_the_latent_rows_their_own_learning_rate(demo, tmp_path, capsys):
+    """Hooks.param_groups: the latent rows at --latent-lr-scale x --lr and no weight decay, the
+    LoRA weights as before -- read off what AdamW's first step did to each (its update is
+    lr x sign(gradient) wherever the gradient is not tiny)."""
+    scale = flags.flag("--latent-lr-scale", low=0, resume="fixed", type=float, default=1.0)
+
+    def groups(m, named, run):
+        latents = [p for k, p in named if k == "latent_embeds"]
+        return [{"params": latents, "lr_scale": run.args.latent_lr_scale, "weight_decay_scale": 0.0},
+                {"params": [p for k, p in named if k != "latent_embeds"]}]
+
+    def init_latents(m, batch, run):          # known starting rows, to read the step's update off
+        with torch.no_grad():
+            m.latent_embeds.fill_(0.5)
+
+    lr = 1e-3
+    common = ["--model", demo["base"], "--data", demo["train"], "--latents", str(K), "--global-batch",
+              "2", "--log-every", "100", "--lr", str(lr), "--weight-decay", "0.5", "--max-steps", "1"]
+    hooks = train.Hooks(param_groups=groups, init_latents=init_latents, flags=[scale])
+    train.main(["--stage", "1", *common, "--run-dir", str(tmp_path / "a"), "--latent-lr-scale", "10"], hooks=hooks)
+    m, _ = checkpoint.load_livr(str(tmp_path / "a" / "stage1" / "last"))
+    latent_step = (m.latent_embeds - 0.5).abs().max().item()
+    lora_b = [mod.lora_B for mod in m.modules() if isinstance(mod, model.LoRALinear)]
+    lora_step = max(b.abs().max().item() for b in lora_b)       # B starts at zero: no decay to see
+    assert latent_step == pytest.approx(10 * lr, rel=1e-3)      # x10, and no 0.5 x lr decay of 0.5
+    assert lora_step == pytest.approx(lr, rel=1e-3)
+    state = checkpoint.read_trainer_json(str(tmp_path / "a" / "stage1" / "last"))["optimizer"]
+    assert [(g["lr_scale"], g["weight_decay_scale"]) for g in state["param_groups"]] == [(10.0, 0.0), (1.0, 1.0)]
+    # --resume keeps each group's scale when it applies a new --lr
+    m2 = torch.nn.Linear(2, 2)
+    named = list(m2.named_parameters())
+    opt, sched, _, _ = train.build_optimizer(
+        argparse.Namespace(lr=lr, weight_decay=0.1, epochs=1, global_batch=1, warmup=0.0),
+        train.optimizer_groups(named, [{"params": [m2.weight], "lr_scale": 10.0}, {"params": [m2.bias]}]), 4)
+    rundir.apply_hparams(opt, sched, argparse.Namespace(lr=2e-3, weight_decay=0.2))
+    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(2e-2, 0.2), (2e-3, 0.2)]
+    # a group list that leaves a parameter out, or names one twice, is refused by name
+    with pytest.raises(train.RunError, match="bias"):
+        train.optimizer_groups(named, [{"params": [m2.weight]}])
+    with pytest.raises(train.RunError, match="weight is in groups 0 and 1"):
+        train.optimizer_groups(named, [{"params": [m2.weight]}, {"params": [m2.weight, m2.bias]}])
+    bad = lambda m, named, run: [{"params": [p for _, p in named], "lr": 1.0}]
+    with pytest.raises(SystemExit):
+        train.main(["--stage", "1", *common, "--run-dir", str(tmp_path / "b")], hooks=train.Hooks(param_groups=bad))
+    assert "set lr_scale and weight_decay_scale" in capsys.readouterr().err
