@@ -336,10 +336,11 @@ def save_pretrained(m: Qwen25VL, out_dir, max_shard_bytes=None):
 # ----------------------------------------------------------------------------------------------
 # Atomic directories: write beside, swap in whole
 
-def write_json(obj, file):
-    """Whole or not at all: written beside and renamed, so a reader never sees half a file."""
+def write_json(obj, file, default=None):
+    """Whole or not at all: written beside and renamed, so a reader never sees half a file.
+    `default`: json.dump's, for values JSON has no type for."""
     with open(file + ".part", "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(obj, f, indent=1, default=default)
     os.replace(file + ".part", file)
 
 

@@ -514,12 +514,13 @@ def run(args):
         report[-1]["unparseable"] = problems
     md = table({e["name"]: e["samples"] for e in report},
                {e["name"]: e["answer_latent_attention"] for e in report})
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
+    os.makedirs(args.out, exist_ok=True)         # each file whole or not at all (a kill, a full disk)
+    table_file = os.path.join(args.out, "table.md")
+    with open(table_file + ".part", "w") as f:
         f.write(f"{args.data} | {setting}\n\n{md}\n")
+    os.replace(table_file + ".part", table_file)
     out = {"data": args.data, "mask": args.mask, "latents": not args.no_latents, "checkpoints": report}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(out, f, indent=1, default=str)
+    checkpoint.write_json(out, os.path.join(args.out, "results.json"), default=str)
     print(md)
     for e in report:
         if e["errors"]:

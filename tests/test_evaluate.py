@@ -270,6 +270,26 @@ def test_cli_side_by_side(ckpts, tmp_path, capsys):
     assert out["checkpoints"][1]["mean"] == saved["checkpoints"][1]["mean"]
 
 
+def test_results_are_written_whole_or_not_at_all(ckpts, tmp_path, monkeypatch, capsys):
+    """A failure while writing results.json (a full disk, a kill) leaves the earlier file whole."""
+    base, livr = ckpts
+    test = synthetic(tmp_path)
+    argv = ["--checkpoint", livr, "--data", test, "--out", str(tmp_path / "eval"),
+            "--max-new-tokens", "4", "--attention-samples", "0"]
+    evaluate.main(argv)
+    before = (tmp_path / "eval" / "results.json").read_bytes()
+
+    def full_disk(obj, f, **kw):
+        f.write('{"data": "half')
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(evaluate.checkpoint.json, "dump", full_disk)
+    with pytest.raises(SystemExit):
+        evaluate.main(argv)
+    assert "No space left on device" in capsys.readouterr().err
+    assert (tmp_path / "eval" / "results.json").read_bytes() == before
+    json.loads(before)
+
+
 def test_cli_bad_inputs(ckpts, tmp_path, capsys):
     base, livr = ckpts
     test = synthetic(tmp_path)
