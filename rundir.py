@@ -237,6 +237,9 @@ class StageClaim:
         if self.rank == 0:
             try:
                 check_links(self.stage_dir)
+                for d in (os.path.dirname(self.stage_dir), self.stage_dir):
+                    if os.path.exists(d) and not os.path.isdir(d):
+                        raise RunError(f"{d} is a file, not a directory: choose another --run-dir")
                 os.makedirs(self.stage_dir, exist_ok=True)
                 self.fd = lock(os.path.join(self.stage_dir, ".lock"))
                 if not self.resume:

@@ -182,6 +182,17 @@ def test_a_symbolic_link_in_the_stage_is_refused_and_its_target_untouched(demo, 
     assert snapshot(outside) == before
 
 
+@pytest.mark.parametrize("where", ["run", "stage"])
+def test_a_file_where_the_run_or_stage_directory_goes_is_named(demo, tmp_path, capsys, where):
+    run = tmp_path / "R"
+    if where == "stage":
+        os.makedirs(run)
+    target = run if where == "run" else run / "stage1"
+    target.write_text("notes")
+    fails_with(run_args(demo, run, "--max-steps", "1"), capsys, f"{target} is a file, not a directory")
+    assert target.read_text() == "notes"
+
+
 def test_the_issue_reproduction_a_linked_final_of_a_fresh_run(demo, stage1, tmp_path, capsys):
     """`ln -s /x/ckpt R/stage1/final; T1` once deleted /x/ckpt/livr.json."""
     ckpt = copy_run(stage1 / "stage1" / "last", tmp_path / "x" / "ckpt")
