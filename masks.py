@@ -179,6 +179,10 @@ def build_mask(kinds, mode, segments=None, num_latents=None, progress=None):
     if name == "causal":
         return mask
     rule = RULES[name](kinds, Context(kinds, segments, num_latents, progress))
+    if not (isinstance(rule, torch.Tensor) and rule.dtype == torch.bool and rule.shape == mask.shape):
+        got = f"{rule.dtype} {tuple(rule.shape)}" if isinstance(rule, torch.Tensor) else type(rule).__name__
+        raise ValueError(f"mask rule {name!r} returned {got}: a rule returns the kept edges as a bool "
+                         f"tensor of shape {tuple(mask.shape)} (kinds' shape + (L,)), never broadcast")
     return mask & (rule | torch.eye(L, dtype=torch.bool, device=kinds.device))
 
 

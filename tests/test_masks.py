@@ -105,6 +105,18 @@ def test_unknown_stage():
         masks.build_mask(torch.zeros(3, dtype=torch.long), 3)
 
 
+@pytest.mark.parametrize("returns", [
+    lambda kinds, ctx: kinds != IMAGE,                                     # [L]: would broadcast over rows
+    lambda kinds, ctx: (kinds != IMAGE)[..., None, :],                     # [1, L]: the same
+    lambda kinds, ctx: torch.ones(*kinds.shape, kinds.shape[-1]),          # float
+])
+def test_a_fork_rule_of_the_wrong_shape_or_type_is_named(monkeypatch, returns):
+    monkeypatch.setitem(masks.RULES, "forked", returns)
+    kinds = torch.tensor([SYSTEM, IMAGE, IMAGE, TEXT, LATENT, ANSWER])
+    with pytest.raises(ValueError, match="mask rule 'forked' returned .*bool tensor of shape \\(6, 6\\)"):
+        masks.build_mask(kinds, "forked")
+
+
 def test_draw_shows_the_grid():
     kinds = torch.tensor([TEXT, IMAGE, LATENT, TEXT, ANSWER])
     art = masks.draw(kinds, masks.build_mask(kinds, 1))
