@@ -268,45 +268,49 @@ def test_a_second_run_is_refused_naming_the_holder_and_a_dead_ones_lock_is_taken
 
 # --- 5. non-finite weights and config values, and fp16 overflow ----------------------------------
 
-def test_non_finite_base_weights_and_config_values_are_named(demo, tmp_path, capsys):
-    nan_base = tmp_path / "nan_base"
-    shutil.copytree(demo["base"], nan_base)
-    sd = load_file(nan_base / "model.safetensors")
-    sd["model.norm.weight"][3] = float("nan")
-    save_file(sd, nan_base / "model.safetensors")
+def edited_base(demo, path, weights=None, config=None):
+    """A copy of the demo base with its weights (a function of the state dict) or its
+    config.json (a function of the text) edited."""
+    shutil.copytree(demo["base"], path)
+    if weights:
+        sd = load_file(path / "model.safetensors")
+        weights(sd)
+        save_file(sd, path / "model.safetensors")
+    if config:
+        (path / "config.json").write_text(config((path / "config.json").read_text()))
+    return str(path)
+
+
+def with_model(demo, tmp_path, base):
     args = run_args(demo, tmp_path / "r", "--max-steps", "1")
-    args[args.index("--model") + 1] = str(nan_base)
-    fails_with(args, capsys, "tensor 'model.norm.weight'", "holds non-finite values")
+    args[args.index("--model") + 1] = base
+    return args
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda sd: sd["model.norm.weight"].__setitem__(3, float("nan")), "holds non-finite values"),
+    # a quantized checkpoint's integers: a cast to float would train on them in silence
+    (lambda sd: sd.update({"model.norm.weight": sd["model.norm.weight"].to(torch.int8)}),
+     "is torch.int8, not floating point"),
+])
+def test_base_weights_that_cannot_be_used_are_named(demo, tmp_path, capsys, edit, named):
+    base = edited_base(demo, tmp_path / "base", weights=edit)
+    fails_with(with_model(demo, tmp_path, base), capsys, "tensor 'model.norm.weight'", named)
     # evaluation says so instead of scoring 0%
-    fails_with(["--checkpoint", str(nan_base), "--data", demo["test"], "--out", str(tmp_path / "e")],
-               capsys, "holds non-finite values", main=evaluate.main)
-    cfg_base = tmp_path / "cfg_base"
-    shutil.copytree(demo["base"], cfg_base)
-    (cfg_base / "config.json").write_text(
-        (cfg_base / "config.json").read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": NaN'))
-    args[args.index("--model") + 1] = str(cfg_base)
-    fails_with(args, capsys, "config.json: rms_norm_eps must be a finite number, not nan")
+    fails_with(["--checkpoint", base, "--data", demo["test"], "--out", str(tmp_path / "e")],
+               capsys, named, main=evaluate.main)
 
 
-def test_base_weights_that_are_not_floating_point_and_other_families_are_named(demo, tmp_path, capsys):
-    """An integer tensor (a quantized checkpoint's, say) would be cast to float and train in
-    silence; a config of another family would build the wrong network."""
-    int_base = tmp_path / "int_base"
-    shutil.copytree(demo["base"], int_base)
-    sd = load_file(int_base / "model.safetensors")
-    sd["model.norm.weight"] = sd["model.norm.weight"].to(torch.int8)
-    save_file(sd, int_base / "model.safetensors")
-    args = run_args(demo, tmp_path / "r", "--max-steps", "1")
-    args[args.index("--model") + 1] = str(int_base)
-    fails_with(args, capsys, "tensor 'model.norm.weight'", "is torch.int8, not floating point")
-    fails_with(["--checkpoint", str(int_base), "--data", demo["test"], "--out", str(tmp_path / "e")],
-               capsys, "is torch.int8, not floating point", main=evaluate.main)
-    other = tmp_path / "other"
-    shutil.copytree(demo["base"], other)
-    cfg = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**cfg, "model_type": "qwen2_vl"}))
-    args[args.index("--model") + 1] = str(other)
-    fails_with(args, capsys, "model_type 'qwen2_vl' is not supported")
+@pytest.mark.parametrize("edit, named", [
+    (lambda text: text.replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": NaN'),
+     "config.json: rms_norm_eps must be a finite number, not nan"),
+    # another family's config would build the wrong network
+    (lambda text: json.dumps({**json.loads(text), "model_type": "qwen2_vl"}),
+     "model_type 'qwen2_vl' is not supported"),
+])
+def test_base_configs_that_cannot_be_used_are_named(demo, tmp_path, capsys, edit, named):
+    base = edited_base(demo, tmp_path / "base", config=edit)
+    fails_with(with_model(demo, tmp_path, base), capsys, named)
 
 
 def test_export_fp16_refuses_weights_beyond_its_range(stage1, tmp_path, capsys):
