@@ -47,7 +47,7 @@ def all_sum(*xs):
 
 
 def shard_model(m, compute_dtype, device, per_block=None, shard_size=None):
-    """FSDP2, torchtitan-style: on a GPU each vision block and decoder block is its own unit,
+    """FSDP2 per block: on a GPU each vision block and decoder block is its own unit,
     then the root (embeddings, tied head, latents, merger); a block's parameters are gathered for
     its forward, freed, and gathered again for its backward, so memory holds about one block's.
     CPU processes (gloo) shard the model as one unit: there every collective is a round trip

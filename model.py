@@ -6,7 +6,7 @@ Mirrors transformers' `Qwen2_5_VLForConditionalGeneration` and `Qwen3VLForCondit
 (the numerical oracles, matched to 1e-4 relative in tests/test_model.py and tests/test_qwen3.py)
 without their indirection. Notable features:
   - M-RoPE position ids for text + several images, restarting per packed sample;
-  - one forward for training, prefill and decode (a static KV cache, as in gpt-fast), with an
+  - one forward for training, prefill and decode (a static KV cache: no reallocation per token), with an
     optional explicit boolean attention mask -- the door the LIVR bottleneck comes through;
   - attention run per packed sample on its own block of the mask (attention.py: per-sample
     SDPA blocks or one block-sparse FlexAttention call), so a packed training step never pays
@@ -165,7 +165,7 @@ class MRoPE(nn.Module):
 
 
 class KVCache(nn.Module):
-    # gpt-fast's static cache: one slot per position, written at `input_pos`. Allocated at the
+    # A static cache: one slot per position, written at `input_pos` (no growth, no copies). Allocated at the
     # first write, in the dtype the keys arrive in (bf16 under FSDP's mixed precision).
     def __init__(self, batch, n_kv_heads, max_len, head_dim):
         super().__init__()
@@ -580,7 +580,7 @@ class LoRALinear(nn.Module):
         dev, dt = base.weight.device, base.weight.dtype
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev, dtype=dt))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev, dtype=dt))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))   # as PEFT: B = 0, so a no-op at start
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))   # B = 0: the adapter is a no-op at start
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)                                # (..., out)

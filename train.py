@@ -497,7 +497,7 @@ def place_model(m, args, device):
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     compute_dtype = checkpoint.DTYPES[dtype_name]
     if args.compile:
-        model.compile_blocks(m)            # before FSDP wraps the blocks, as torchtitan does
+        model.compile_blocks(m)            # before FSDP wraps the blocks: each compiles as a plain module
     if dist.is_initialized():
         shard_model(m, compute_dtype, device, shard_size=args.shard_size)
         return compute_dtype, contextlib.nullcontext       # FSDP casts the parameters itself
